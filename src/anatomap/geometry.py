@@ -1,0 +1,207 @@
+"""World-millimetre geometry: the only module that does affine arithmetic.
+
+Every view anatomap produces carries a 4x4 affine that maps voxel indices ``(i, j, k)``
+(array axis order) to world coordinates in millimetres, RAS+ after preprocessing.
+Every self-supervised target of every method (crop-centre distances for ISImed,
+Jabareen et al. 2024; voxel correspondences for SAM, Yan et al. 2022; gap matrices for
+Spatial-Aware, Zhang et al. 2025; overlaps for VoCo) is computed from those affines with
+the functions below. Voxel centres sit at integer indices (NIfTI / ITK convention).
+
+All functions accept NumPy arrays or torch tensors and return the same kind; leading
+batch dimensions are broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+def _is_torch(x: object) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _inv(a: Array) -> Array:
+    return torch.linalg.inv(a) if _is_torch(a) else np.linalg.inv(a)
+
+
+def _homogeneous(points: Array) -> Array:
+    if _is_torch(points):
+        ones = torch.ones(*points.shape[:-1], 1, dtype=points.dtype, device=points.device)
+        return torch.cat([points, ones], dim=-1)
+    return np.concatenate([points, np.ones((*points.shape[:-1], 1), points.dtype)], axis=-1)
+
+
+def apply_affine(affine: Array, points: Array) -> Array:
+    """Map ``points [..., 3]`` through ``affine [..., 4, 4]`` (broadcast over leading dims).
+
+    ``affine`` of shape ``[..., 4, 4]`` is applied to points ``[..., N, 3]`` when it has one
+    fewer leading dimension than the points, i.e. one affine per set of points.
+    """
+    lin = affine[..., :3, :3]
+    off = affine[..., :3, 3]
+    if points.ndim == affine.ndim:  # [..., N, 3] with [..., 4, 4]
+        return points @ lin.swapaxes(-1, -2) + off[..., None, :]
+    return (lin @ points[..., None])[..., 0] + off
+
+
+def voxel_to_world(affine: Array, ijk: Array) -> Array:
+    """World coordinates (mm) of voxel indices ``ijk [..., 3]``."""
+    return apply_affine(affine, ijk)
+
+
+def world_to_voxel(affine: Array, xyz: Array) -> Array:
+    """Continuous voxel indices of world points ``xyz [..., 3]`` (mm)."""
+    return apply_affine(_inv(affine), xyz)
+
+
+def spacing(affine: Array) -> Array:
+    """Voxel size along each array axis (mm): the norms of the affine's columns."""
+    cols = affine[..., :3, :3]
+    if _is_torch(cols):
+        return torch.linalg.norm(cols, dim=-2)
+    return np.linalg.norm(cols, axis=-2)
+
+
+def translation(offset: Sequence[float] | np.ndarray) -> np.ndarray:
+    """4x4 matrix that shifts voxel indices by ``offset`` (float64 NumPy)."""
+    t = np.eye(4)
+    t[:3, 3] = np.asarray(offset, dtype=np.float64)
+    return t
+
+
+def crop_affine(affine: Array, start: Sequence[float] | Array) -> Array:
+    """Affine of a crop whose voxel 0 is voxel ``start`` of the source.
+
+    For every crop index ``c``: ``crop_affine(A, s) @ c == A @ (c + s)``.
+    """
+    t = translation(start)
+    if _is_torch(affine):
+        return affine @ torch.as_tensor(t, dtype=affine.dtype, device=affine.device)
+    return affine @ t
+
+
+def resized_affine(
+    affine: Array, in_shape: Sequence[int], out_shape: Sequence[int]
+) -> Array:
+    """Affine of a box of ``in_shape`` voxels resampled onto ``out_shape`` voxels.
+
+    The box keeps its physical extent and its corners-of-the-box alignment: the output grid
+    covers the same field of view (``align_corners=False`` convention, as torch's
+    ``interpolate``), so voxel ``o`` of the output sits at input index
+    ``(o + 0.5) * in / out - 0.5``.
+    """
+    scale = np.asarray(in_shape, np.float64) / np.asarray(out_shape, np.float64)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(scale)
+    m[:3, 3] = 0.5 * scale - 0.5
+    if _is_torch(affine):
+        return affine @ torch.as_tensor(m, dtype=affine.dtype, device=affine.device)
+    return affine @ m
+
+
+def box_center(affine: Array, shape: Sequence[int]) -> Array:
+    """World centre (mm) of a box of ``shape`` voxels whose voxel 0 maps through ``affine``."""
+    c = (np.asarray(shape, np.float64) - 1.0) / 2.0
+    if _is_torch(affine):
+        return voxel_to_world(affine, torch.as_tensor(c, dtype=affine.dtype, device=affine.device))
+    return voxel_to_world(affine, c)
+
+
+def box_corners(affine: Array, shape: Sequence[int]) -> Array:
+    """World positions of the 2^d outer corners (voxel faces, not centres) of a box."""
+    s = np.asarray(shape, np.float64)
+    d = len(s)
+    grid = np.stack(np.meshgrid(*[[-0.5, n - 0.5] for n in s], indexing="ij"), -1).reshape(-1, d)
+    if d == 2:
+        grid = np.concatenate([grid, np.zeros((len(grid), 1))], -1)
+    if _is_torch(affine):
+        grid_t = torch.as_tensor(grid, dtype=affine.dtype, device=affine.device)
+        return apply_affine(affine, grid_t)
+    return apply_affine(affine, grid)
+
+
+def world_grid(affine: Array, shape: Sequence[int]) -> Array:
+    """World coordinates of every voxel of a box: ``[*shape, 3]`` (mm)."""
+    axes = [np.arange(n, dtype=np.float64) for n in shape]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    if len(shape) == 2:
+        ijk = np.concatenate([ijk, np.zeros((*ijk.shape[:-1], 1))], -1)
+    if _is_torch(affine):
+        ijk_t = torch.as_tensor(ijk, dtype=affine.dtype, device=affine.device)
+        return apply_affine(affine, ijk_t.reshape(-1, 3)).reshape(*shape, 3)
+    return apply_affine(affine, ijk.reshape(-1, 3)).reshape(*shape, 3)
+
+
+def pairwise_distances(points: Array) -> Array:
+    """Euclidean distance matrix ``[..., N, N]`` of ``points [..., N, 3]`` (mm)."""
+    diff = points[..., :, None, :] - points[..., None, :, :]
+    if _is_torch(points):
+        return torch.linalg.norm(diff, dim=-1)
+    return np.linalg.norm(diff, axis=-1)
+
+
+def pairwise_gaps(points: Array) -> Array:
+    """Per-axis gaps ``[..., N, N, 3]``: entry ``(i, j)`` is ``points[j] - points[i]`` (mm)."""
+    return points[..., None, :, :] - points[..., :, None, :]
+
+
+def world_bounds(affine: Array, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world bounding box (min, max corners, mm) of a voxel box."""
+    corners = np.asarray(
+        box_corners(affine.detach().cpu().numpy() if _is_torch(affine) else affine, shape)
+    )
+    return corners.min(axis=-2), corners.max(axis=-2)
+
+
+def overlap_fraction(
+    affine_a: np.ndarray, shape_a: Sequence[int], affine_b: np.ndarray, shape_b: Sequence[int]
+) -> float:
+    """Fraction of box A's world volume that box B covers.
+
+    Exact for boxes whose axes are aligned with the world axes (every view of a canonical
+    RAS+ cache); for oblique boxes it is computed on their world bounding boxes.
+    """
+    lo_a, hi_a = world_bounds(affine_a, shape_a)
+    lo_b, hi_b = world_bounds(affine_b, shape_b)
+    inter = np.clip(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b), 0.0, None)
+    vol_a = np.prod(hi_a - lo_a)
+    return float(np.prod(inter) / vol_a) if vol_a > 0 else 0.0
+
+
+def orientation_codes(affine: np.ndarray) -> str:
+    """Axis codes such as ``'RAS'`` or ``'LPS'`` of a voxel-to-world (RAS+) affine."""
+    import nibabel as nib
+
+    return "".join(nib.orientations.aff2axcodes(np.asarray(affine, np.float64)))
+
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""Flip between ITK/DICOM's LPS+ world and NIfTI's RAS+ world (its own inverse)."""
+
+
+def reorient(array: np.ndarray, affine: np.ndarray, codes: str = "RAS") -> tuple[np.ndarray, np.ndarray]:
+    """Permute/flip ``array``'s first three axes so that they point along ``codes``.
+
+    No resampling: voxels are only reordered, so every voxel keeps its world position. Returns
+    the reordered array and its new affine (nibabel's orientation algebra). Extra trailing
+    axes (channels, time) are kept. 2-D arrays are handled as one-slice volumes.
+    """
+    import nibabel as nib
+
+    squeeze = array.ndim == 2
+    arr = array[..., None] if squeeze else array
+    current = nib.orientations.io_orientation(np.asarray(affine, np.float64))
+    target = nib.orientations.axcodes2ornt(tuple(codes))
+    transform = nib.orientations.ornt_transform(current, target)
+    out = nib.orientations.apply_orientation(arr, transform)
+    new_affine = np.asarray(affine, np.float64) @ nib.orientations.inv_ornt_aff(transform, arr.shape)
+    out = np.ascontiguousarray(out)
+    if squeeze:
+        out = out[..., 0] if out.shape[-1] == 1 else out
+    return out, new_affine
