@@ -37,6 +37,11 @@ def _homogeneous(points: Array) -> Array:
     return np.concatenate([points, np.ones((*points.shape[:-1], 1), points.dtype)], axis=-1)
 
 
+def _pad3(index: np.ndarray) -> np.ndarray:
+    """Voxel indices of a 2-D image are ``(i, j, 0)`` under its 4x4 affine."""
+    return np.concatenate([index, np.zeros(3 - index.shape[-1])]) if index.shape[-1] < 3 else index
+
+
 def apply_affine(affine: Array, points: Array) -> Array:
     """Map ``points [..., 3]`` through ``affine [..., 4, 4]`` (broadcast over leading dims).
 
@@ -86,9 +91,7 @@ def crop_affine(affine: Array, start: Sequence[float] | Array) -> Array:
     return affine @ t
 
 
-def resized_affine(
-    affine: Array, in_shape: Sequence[int], out_shape: Sequence[int]
-) -> Array:
+def resized_affine(affine: Array, in_shape: Sequence[int], out_shape: Sequence[int]) -> Array:
     """Affine of a box of ``in_shape`` voxels resampled onto ``out_shape`` voxels.
 
     The box keeps its physical extent and its corners-of-the-box alignment: the output grid
@@ -107,7 +110,7 @@ def resized_affine(
 
 def box_center(affine: Array, shape: Sequence[int]) -> Array:
     """World centre (mm) of a box of ``shape`` voxels whose voxel 0 maps through ``affine``."""
-    c = (np.asarray(shape, np.float64) - 1.0) / 2.0
+    c = _pad3((np.asarray(shape, np.float64) - 1.0) / 2.0)
     if _is_torch(affine):
         return voxel_to_world(affine, torch.as_tensor(c, dtype=affine.dtype, device=affine.device))
     return voxel_to_world(affine, c)
@@ -185,7 +188,9 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """Flip between ITK/DICOM's LPS+ world and NIfTI's RAS+ world (its own inverse)."""
 
 
-def reorient(array: np.ndarray, affine: np.ndarray, codes: str = "RAS") -> tuple[np.ndarray, np.ndarray]:
+def reorient(
+    array: np.ndarray, affine: np.ndarray, codes: str = "RAS"
+) -> tuple[np.ndarray, np.ndarray]:
     """Permute/flip ``array``'s first three axes so that they point along ``codes``.
 
     No resampling: voxels are only reordered, so every voxel keeps its world position. Returns
@@ -200,7 +205,9 @@ def reorient(array: np.ndarray, affine: np.ndarray, codes: str = "RAS") -> tuple
     target = nib.orientations.axcodes2ornt(tuple(codes))
     transform = nib.orientations.ornt_transform(current, target)
     out = nib.orientations.apply_orientation(arr, transform)
-    new_affine = np.asarray(affine, np.float64) @ nib.orientations.inv_ornt_aff(transform, arr.shape)
+    new_affine = np.asarray(affine, np.float64) @ nib.orientations.inv_ornt_aff(
+        transform, arr.shape
+    )
     out = np.ascontiguousarray(out)
     if squeeze:
         out = out[..., 0] if out.shape[-1] == 1 else out

@@ -1,0 +1,19 @@
+"""Self-supervised objectives, one module per method, registered by name."""
+
+from anatomap.objectives import isimed  # noqa: F401  (registers "isimed")
+from anatomap.objectives.base import Objective, ObjectiveParams
+from anatomap.objectives.registry import (
+    get_objective,
+    list_objectives,
+    objective_config,
+    register_objective,
+)
+
+__all__ = [
+    "Objective",
+    "ObjectiveParams",
+    "get_objective",
+    "list_objectives",
+    "objective_config",
+    "register_objective",
+]

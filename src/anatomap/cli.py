@@ -1,0 +1,189 @@
+"""The ``anatomap`` command: data index | data cache | pretrain | evaluate | demo | list.
+
+Every sub-command calls the Python API (``anatomap.api``). Errors that anatomap raises on
+purpose are printed as one line (``anatomap: error: FILE: problem``) with exit code 2; a
+command that finished but rejected some inputs exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from anatomap.errors import AnatomapError
+
+
+def _print_position_table(metrics: dict) -> None:
+    rows = metrics.get("position", {})
+    print(f"{'encoder':<24} {'Spearman':>9} {'R^2':>7} {'mean err mm':>12}")
+    for name, m in rows.items():
+        print(f"{name:<24} {m['spearman']:>9.3f} {m['r2']:>7.3f} {m['mean_error_mm']:>12.2f}")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from anatomap.data.manifest import index_directory, write_manifest
+
+    result = index_directory(
+        args.dir, table=args.table, expect_ndim=args.ndim, progress=not args.quiet
+    )
+    write_manifest(result, args.out)
+    for p in result.problems:
+        print(f"rejected: {p.path}: {p.reason}", file=sys.stderr)
+    print(
+        f"indexed {len(result.subjects)} subjects into {args.out}; "
+        f"{len(result.problems)} file(s) rejected"
+    )
+    return 1 if result.problems else 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from anatomap.data.cache import build_cache
+
+    res = build_cache(
+        args.manifest,
+        args.out,
+        preset=args.preset,
+        spacing=args.spacing,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    for p in res.problems:
+        print(f"rejected: subject {p['subject']}: {p['reason']}", file=sys.stderr)
+    print(
+        f"cache {args.out}: {len(res.cache)} subjects ({res.built} built, {res.reused} reused), "
+        f"{len(res.problems)} rejected"
+    )
+    return 1 if res.problems else 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from anatomap.api import config_path, load_config
+    from anatomap.train.pretrain import pretrain
+
+    path = config_path(args.config)
+    cfg = load_config(path, args.overrides)
+    res = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, config_dir=path.parent)
+    if res.is_global_zero:
+        print(f"trained {res.steps} steps; checkpoint: {res.checkpoint}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from anatomap.eval.evaluate import evaluate
+
+    subjects = args.subjects.split(",") if args.subjects else None
+    res = evaluate(
+        args.checkpoint,
+        out=args.out,
+        cache=args.cache,
+        subjects=subjects,
+        crops_per_subject=args.crops,
+    )
+    _print_position_table(res.metrics)
+    print(f"report: {res.report}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anatomap.run_demo import run_demo
+
+    res = run_demo(args.out, overrides=args.overrides, progress=not args.quiet)
+    print()
+    _print_position_table(res.evaluation.metrics)
+    print(f"\nreport: {res.report}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from anatomap.models import list_encoders
+    from anatomap.objectives import list_objectives
+
+    print("objectives:", ", ".join(list_objectives()))
+    print("encoders:  ", ", ".join(list_encoders()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anatomap", description="Self-supervised anatomical position learning."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    data = sub.add_parser("data", help="index and cache scans")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("index", help="find and validate scans; write a JSONL manifest")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="manifest.jsonl to write")
+    p.add_argument("--table", type=Path, help="CSV subject,modality,path[,kind] instead of names")
+    p.add_argument("--ndim", type=int, default=3, choices=(2, 3), help="expected dimensionality")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_index)
+
+    p = dsub.add_parser("cache", help="preprocess a manifest into a memory-mapped cache")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--preset", default="mri", help="ct | mri | none, or per modality: T1w=mri,CT=ct"
+    )
+    p.add_argument("--spacing", type=float, default=1.5, help="target isotropic spacing (mm)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("pretrain", help="train a config: pretrain CONFIG [key=value ...]")
+    p.add_argument("config", help="YAML file or packaged config name (isimed, demo)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in output=")
+    p.add_argument("--overwrite", action="store_true", help="start the run folder again")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("evaluate", help="evaluate a run folder or checkpoint; write report.html")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--cache", type=Path, help="cache to evaluate on (default: the run's)")
+    p.add_argument("--subjects", help="comma-separated subjects (default: the run's held-out)")
+    p.add_argument("--crops", type=int, default=48, help="crops per subject")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=50")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("list", help="registered objectives and encoders")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may stand on either side of options (``pretrain CFG --resume a=1 b=2``).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.version:
+        from anatomap import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except AnatomapError as exc:
+        print(f"anatomap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anatomap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""``anatomap demo``: the whole pipeline on the embedded demo data, as a user would run it.
+
+build demo scans (nilearn's MNI152 + known random transforms) -> index the folder ->
+cache (RAS+, 2 mm, MRI preset) -> pretrain ISImed -> evaluate against a random encoder ->
+``report.html``. Idempotent: the scans, manifest and cache are reused on a second run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from anatomap.api import load_config
+from anatomap.data.cache import build_cache
+from anatomap.data.demo import build_demo
+from anatomap.data.manifest import index_directory, write_manifest
+from anatomap.errors import AnatomapError
+from anatomap.eval.evaluate import EvalResult, evaluate
+from anatomap.train.pretrain import pretrain
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: Path
+    evaluation: EvalResult
+
+
+def run_demo(
+    out: str | Path = "demo_out",
+    *,
+    config: str = "demo",
+    n_subjects: int = 16,
+    n_heldout: int = 4,
+    spacing: float = 2.0,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    log=print,
+) -> DemoResult:
+    """Run the demo end to end into ``out``; returns the report path and the metrics."""
+    out = Path(out)
+    data_dir = out / "data"
+    log(f"[1/5] demo scans -> {data_dir}")
+    info = build_demo(
+        data_dir, n_subjects=n_subjects, n_heldout=n_heldout, spacing=spacing, progress=progress
+    )
+    log(f"      {len(info.subjects)} subjects ({len(info.heldout)} held out)")
+
+    log(f"[2/5] index -> {out / 'manifest.jsonl'}")
+    indexed = index_directory(data_dir, progress=progress)
+    if indexed.problems:
+        for p in indexed.problems:
+            log(f"      rejected {p.path}: {p.reason}")
+    if not indexed.subjects:
+        raise AnatomapError(f"{data_dir}: no usable scans in the demo folder")
+    write_manifest(indexed, out / "manifest.jsonl")
+    log(f"      {len(indexed.subjects)} subjects indexed")
+
+    log(f"[3/5] cache -> {out / 'cache'} (RAS+, {spacing} mm, MRI preset)")
+    cached = build_cache(
+        out / "manifest.jsonl", out / "cache", preset="mri", spacing=spacing, progress=progress
+    )
+    log(f"      built {cached.built}, reused {cached.reused}")
+
+    run_dir = out / "runs" / "isimed"
+    cfg = load_config(
+        config,
+        [
+            f"data.cache={out / 'cache'}",
+            f"data.heldout_file={data_dir / 'subjects.csv'}",
+            f"output={run_dir}",
+            f"trainer.progress={'true' if progress else 'false'}",
+            *(overrides or []),
+        ],
+    )
+    log(f"[4/5] pretrain ISImed -> {run_dir} ({cfg.trainer.max_steps} steps)")
+    pretrain(cfg, overwrite=True)
+
+    log(f"[5/5] evaluate -> {run_dir / 'eval'}")
+    result = evaluate(run_dir)
+    return DemoResult(out, result.report, result)

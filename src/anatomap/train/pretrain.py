@@ -1,0 +1,192 @@
+"""``anatomap pretrain``: build everything from a config and train with Lightning.
+
+A run folder holds ``config.yaml`` (resolved), ``logs/metrics.csv`` and TensorBoard events
+(``tb/``), ``checkpoint/`` (the latest safetensors checkpoint, see
+:mod:`anatomap.train.checkpoint`), ``lightning/last.ckpt`` (full trainer state for
+``--resume``) and ``ranks.json`` (each DDP rank's weight fingerprint at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from anatomap.config import RunConfig, dump_config
+from anatomap.data.cache import Cache, atomic_write_json
+from anatomap.errors import AnatomapError
+from anatomap.objectives.registry import objective_config
+from anatomap.train.checkpoint import save_checkpoint
+from anatomap.train.module import (
+    PretrainModule,
+    ViewDataModule,
+    encoder_spec,
+    heldout_subjects,
+    steps_per_epoch,
+)
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning prints a cloud-logging advert at every start; keep the console about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: bf16 (or fp16) autocast on CUDA, full fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class SafetensorsCheckpoint(Callback):
+    """Writes ``RUN/checkpoint`` (safetensors + JSON) every N steps and at the end (rank 0)."""
+
+    def __init__(self, folder: Path, every: int, meta: dict[str, Any]) -> None:
+        self.folder = folder
+        self.every = every
+        self.meta = meta
+
+    def _save(self, trainer: L.Trainer, module: PretrainModule) -> None:
+        if trainer.is_global_zero:
+            meta = {**self.meta, "step": int(trainer.global_step)}
+            save_checkpoint(self.folder, module.encoder, module.objective, meta)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        if trainer.global_step % self.every == 0:
+            self._save(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:  # type: ignore[override]
+        self._save(trainer, module)
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    rank_fingerprints: list[str]
+    is_global_zero: bool = True
+
+
+def _meta(cfg: RunConfig, cache: Cache, train: list[str], heldout: list[str]) -> dict[str, Any]:
+    return {
+        "objective": cfg.objective.name,
+        "objective_config": objective_config(cfg.objective).model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"),
+        "data": {
+            "cache": str(cache.root.resolve()),
+            "fingerprint": cache.fingerprint(),
+            "modalities": cache.modalities,
+            "spacing": cache.spacing,
+            "preprocessing": cache.info.get("presets"),
+            "train_subjects": train,
+            "heldout_subjects": heldout,
+        },
+    }
+
+
+def pretrain(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    config_dir: Path | None = None,
+) -> PretrainResult:
+    """Train ``cfg``; returns the run folder and the path of its checkpoint."""
+    run = Path(cfg.output)
+    last = run / "lightning" / "last.ckpt"
+    if resume and not last.is_file():
+        raise AnatomapError(f"{run}: nothing to resume (no lightning/last.ckpt)")
+    if not resume and (run / "checkpoint").exists() and not overwrite:
+        raise AnatomapError(
+            f"{run}: run folder already holds a checkpoint; pass --resume to continue it, "
+            "--overwrite to start again, or choose another output="
+        )
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(dump_config(cfg))
+
+    cache = Cache(cfg.data.cache)
+    heldout = heldout_subjects(cfg, config_dir)
+    train = [s for s in cache.subjects if s not in set(heldout)]
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    t = cfg.trainer
+    module = PretrainModule(cfg, len(cache.modalities), steps_per_epoch(cfg))
+    data = ViewDataModule(cfg, cache, train, module.objective.view_spec())
+    meta = _meta(cfg, cache, train, heldout)
+    meta["encoder"] = encoder_spec(cfg, len(cache.modalities)).to_dict()
+    atomic_write_json(run / "run.json", meta)
+
+    trainer = L.Trainer(
+        default_root_dir=str(run),
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=resolve_precision(t.precision),
+        gradient_clip_val=t.grad_clip,
+        log_every_n_steps=min(t.log_every, t.max_steps),
+        enable_progress_bar=t.progress,
+        enable_model_summary=False,
+        logger=[
+            CSVLogger(str(run), name="logs", version=""),
+            TensorBoardLogger(str(run), name="tb", version="", default_hp_metric=False),
+        ],
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=str(run / "lightning"),
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=t.checkpoint_every,
+            ),
+            SafetensorsCheckpoint(run / "checkpoint", t.checkpoint_every, meta),
+        ],
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+    if trainer.is_global_zero:
+        atomic_write_json(
+            run / "ranks.json",
+            {"world_size": trainer.world_size, "fingerprints": module.rank_fingerprints},
+        )
+    return PretrainResult(
+        run,
+        run / "checkpoint",
+        int(trainer.global_step),
+        module.rank_fingerprints,
+        trainer.is_global_zero,
+    )
+
+
+def read_metrics(run: str | Path) -> list[dict[str, str]]:
+    """Rows of ``RUN/logs/metrics.csv`` (what the CSV logger wrote)."""
+    import csv
+
+    path = Path(run) / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_run_meta(run: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run) / "run.json").read_text())
