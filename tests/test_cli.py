@@ -141,3 +141,34 @@ def test_index_exit_code_reports_rejected_files(tiny_dataset: Path, tmp_path: Pa
     assert "sub-99_T1w.nii.gz" in proc.stderr
     rows = (tmp_path / "m.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["subject"] == "sub-00"
+
+
+def test_demo_end_to_end_and_idempotent(tmp_path: Path) -> None:
+    """`anatomap demo` on a tiny build: scans -> index -> cache -> ISImed -> report; a second
+    run reuses the scans and the cache."""
+    args = [
+        "demo",
+        "--out",
+        "d",
+        "--subjects",
+        "4",
+        "--heldout",
+        "2",
+        "--spacing",
+        "4",
+        "--quiet",
+        "trainer.max_steps=3",
+        *TINY[:3],
+        "data.num_workers=0",
+    ]
+    first = run(*args, cwd=tmp_path)
+    assert "built 4, reused 0" in first.stdout
+    report = tmp_path / "d" / "runs" / "isimed" / "eval" / "report.html"
+    assert report.is_file()
+    metrics = json.loads(report.with_name("metrics.json").read_text())
+    assert metrics["subjects"] == ["sub-002", "sub-003"]
+    image = tmp_path / "d" / "data" / "images" / "sub-000_T1w.nii.gz"
+    stamp = image.stat().st_mtime_ns
+    second = run(*args, cwd=tmp_path)
+    assert "built 0, reused 4" in second.stdout
+    assert image.stat().st_mtime_ns == stamp

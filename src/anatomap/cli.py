@@ -88,7 +88,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from anatomap.run_demo import run_demo
 
-    res = run_demo(args.out, overrides=args.overrides, progress=not args.quiet)
+    res = run_demo(
+        args.out,
+        n_subjects=args.subjects,
+        n_heldout=args.heldout,
+        spacing=args.spacing,
+        overrides=args.overrides,
+        progress=not args.quiet,
+    )
     print()
     _print_position_table(res.evaluation.metrics)
     print(f"\nreport: {res.report}")
@@ -149,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--subjects", type=int, default=16, help="demo subjects to build")
+    p.add_argument("--heldout", type=int, default=4, help="of which held out for evaluation")
+    p.add_argument("--spacing", type=float, default=2.0, help="demo and cache spacing (mm)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=50")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

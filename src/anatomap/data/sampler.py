@@ -120,7 +120,9 @@ def sample_views(
                 src_shape[2] = 1
             if constrained and first is not None:
                 c0, shape0 = first
-                centre = c0 + rng.uniform(-1, 1, size=3) * (shape0 + src_shape) / 2.0
+                # A random radius per try puts mass on both small and large offsets.
+                reach = rng.uniform() * (shape0 + src_shape) / 2.0
+                centre = c0 + rng.uniform(-1, 1, size=3) * reach
                 centre = np.clip(centre, 0, np.asarray(subject.shape) - 1)
             else:
                 centre = _draw_centre(subject, spec, rng)

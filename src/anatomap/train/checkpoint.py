@@ -132,7 +132,13 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedCheckp
         raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({exc})") from None
     encoder = build_encoder(EncoderSpec.from_dict(meta["encoder"]))
     enc_state = {k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")}
-    result = encoder.load_state_dict(enc_state, strict=False)
+    try:
+        result = encoder.load_state_dict(enc_state, strict=False)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+        raise CheckpointError(
+            f"{folder}: encoder weights do not match the encoder spec ({first})"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{folder}: encoder weights do not match the encoder spec "
