@@ -81,7 +81,7 @@ def test_index_cache_pretrain_evaluate(workdir: Path) -> None:
     assert "random init" in out.stdout
     metrics = json.loads((workdir / "run" / "eval" / "metrics.json").read_text())
     for name in ("isimed (pretrained)", "random init"):
-        m = metrics["position"][name]
+        m = metrics["position"]["encoders"][name]
         assert np.isfinite([m["spearman"], m["r2"], m["mean_error_mm"]]).all()
     html = (workdir / "run" / "eval" / "report.html").read_text()
     assert "data:image/png;base64," in html and "Position metrics" in html

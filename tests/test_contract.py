@@ -88,6 +88,11 @@ def test_encoder_interface_2d_and_3d(encoder: str) -> None:
         assert out.pooled.shape == (2, 12)
         assert out.features.shape[:2] == (2, enc.feature_channels)
         assert out.features.ndim == dims + 2
+        # The pyramid's declared channels and strides are what it produces.
+        levels = enc.pyramid(torch.randn(2, 2, *([size] * dims)))
+        assert [t.shape[1] for t in levels] == enc.pyramid_channels
+        assert [size // t.shape[2] for t in levels] == enc.pyramid_strides
+        assert levels[-1].shape[1] == out.features.shape[1]
 
 
 def test_different_seeds_give_different_weights() -> None:

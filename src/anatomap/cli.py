@@ -15,7 +15,7 @@ from anatomap.errors import AnatomapError
 
 
 def _print_position_table(metrics: dict) -> None:
-    rows = metrics.get("position", {})
+    rows = metrics.get("position", {}).get("encoders", {})
     print(f"{'encoder':<24} {'Spearman':>9} {'R^2':>7} {'mean err mm':>12}")
     for name, m in rows.items():
         print(f"{name:<24} {m['spearman']:>9.3f} {m['r2']:>7.3f} {m['mean_error_mm']:>12.2f}")

@@ -1,0 +1,3 @@
+"""Evaluation tasks (registered) and the report."""
+
+from anatomap.eval import position  # noqa: F401  (registers "position")

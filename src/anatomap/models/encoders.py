@@ -43,19 +43,49 @@ class EncoderSpec:
         return cls(**d)
 
 
-class Encoder(nn.Module):
-    """A backbone producing a dense map, global average pooling and a linear projection.
+class Backbone(nn.Module):
+    """A network that returns its feature pyramid: maps of increasing stride.
 
-    ``backbone(x)`` returns ``[B, feature_channels, *s]``; ``pooled`` is the projection of
-    the spatial mean to ``embed_dim``.
+    Subclasses set ``channels`` and ``strides`` (one entry per level, finest first) and
+    implement :meth:`pyramid`.
     """
 
-    def __init__(self, backbone: nn.Module, feature_channels: int, spec: EncoderSpec) -> None:
+    channels: list[int]
+    strides: list[int]
+
+    def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pyramid(x)[-1]
+
+
+class Encoder(nn.Module):
+    """A backbone producing a feature pyramid, global average pooling and a projection.
+
+    ``features`` is the deepest map ``[B, feature_channels, *s]``; ``pooled`` is the
+    projection of its spatial mean to ``embed_dim``; :meth:`pyramid` returns every level
+    (finest first) for dense methods such as SAM.
+    """
+
+    def __init__(self, backbone: Backbone, spec: EncoderSpec) -> None:
         super().__init__()
         self.backbone = backbone
         self.spec = spec
-        self.feature_channels = feature_channels
-        self.proj = nn.Linear(feature_channels, spec.embed_dim)
+        self.feature_channels = backbone.channels[-1]
+        self.proj = nn.Linear(self.feature_channels, spec.embed_dim)
+
+    @property
+    def pyramid_channels(self) -> list[int]:
+        return list(self.backbone.channels)
+
+    @property
+    def pyramid_strides(self) -> list[int]:
+        return list(self.backbone.strides)
+
+    def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of every level, finest first (strides in ``pyramid_strides``)."""
+        return self.backbone.pyramid(x)
 
     @property
     def spatial_dims(self) -> int:
@@ -73,6 +103,10 @@ class Encoder(nn.Module):
         feats = self.backbone(x)
         pooled = self.proj(feats.flatten(2).mean(-1))
         return EncoderOutput(feats, pooled)
+
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding of a deepest-level map (as ``forward`` computes it)."""
+        return self.proj(feats.flatten(2).mean(-1))
 
 
 EncoderFactory = Callable[[EncoderSpec], Encoder]
@@ -119,36 +153,59 @@ def small_cnn(spec: EncoderSpec) -> Encoder:
     groups = int(opts.pop("num_groups"))
     if opts:
         raise TypeError(f"unknown options {sorted(opts)}")
-    layers: list[nn.Module] = []
-    c_in = spec.in_channels
-    for c in channels:
-        layers.append(
-            ResidualUnit(
-                spec.spatial_dims,
-                c_in,
-                c,
-                strides=2,
-                subunits=2,
-                norm=("group", {"num_groups": min(groups, c)}),
+    return Encoder(_Staged(spec.spatial_dims, spec.in_channels, channels, groups), spec)
+
+
+class _Staged(Backbone):
+    """Stride-2 MONAI residual units; level ``i`` has stride ``2**(i+1)``."""
+
+    def __init__(self, dims: int, in_channels: int, channels: list[int], groups: int) -> None:
+        super().__init__()
+        self.channels = list(channels)
+        self.strides = [2 ** (i + 1) for i in range(len(channels))]
+        stages = []
+        c_in = in_channels
+        for c in channels:
+            stages.append(
+                ResidualUnit(
+                    dims,
+                    c_in,
+                    c,
+                    strides=2,
+                    subunits=2,
+                    norm=("group", {"num_groups": min(groups, c)}),
+                )
             )
-        )
-        c_in = c
-    return Encoder(nn.Sequential(*layers), channels[-1], spec)
+            c_in = c
+        self.stages = nn.ModuleList(stages)
+
+    def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
 
 
-class _ResNetBackbone(nn.Module):
-    """MONAI ResNet up to ``layer4`` (no pooling, no classifier): a dense stride-16/32 map."""
+class _ResNetBackbone(Backbone):
+    """MONAI ResNet up to ``layer4`` (no pooling, no classifier): stem + four layers."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, channels: list[int], stem_stride: int) -> None:
         super().__init__()
         self.net = net
+        self.channels = channels
+        pool = 1 if net.no_max_pool else 2
+        s1 = stem_stride * pool
+        self.strides = [stem_stride, s1, s1 * 2, s1 * 4, s1 * 8]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         n = self.net
-        x = n.act(n.bn1(n.conv1(x)))
-        if not n.no_max_pool:
-            x = n.maxpool(x)
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        stem = n.act(n.bn1(n.conv1(x)))
+        x = stem if n.no_max_pool else n.maxpool(stem)
+        l1 = n.layer1(x)
+        l2 = n.layer2(l1)
+        l3 = n.layer3(l2)
+        return [stem, l1, l2, l3, n.layer4(l3)]
 
 
 @register_encoder("resnet")
@@ -167,19 +224,29 @@ def resnet(spec: EncoderSpec) -> Encoder:
         feed_forward=False,
         **opts,
     )
-    feat = net.layer4[-1].conv3.out_channels if depth >= 50 else net.layer4[-1].conv2.out_channels
-    return Encoder(_ResNetBackbone(net), int(feat), spec)
+    def out_channels(layer: nn.Module) -> int:
+        block = layer[-1]
+        conv = block.conv3 if hasattr(block, "conv3") else block.conv2
+        return int(conv.out_channels)
+
+    channels = [int(net.conv1.out_channels)] + [
+        out_channels(getattr(net, f"layer{i}")) for i in range(1, 5)
+    ]
+    stem_stride = int(opts["conv1_t_stride"])
+    return Encoder(_ResNetBackbone(net, channels, stem_stride), spec)
 
 
-class _LastFeature(nn.Module):
-    """Wrap a MONAI encoder that returns a list of maps; keep the deepest one."""
+class _ListBackbone(Backbone):
+    """Wrap a MONAI encoder that already returns its list of maps (finest first)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, channels: list[int], strides: list[int]) -> None:
         super().__init__()
         self.net = net
+        self.channels = channels
+        self.strides = strides
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[-1]
+    def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.net(x))
 
 
 @register_encoder("segresnet")
@@ -190,8 +257,9 @@ def segresnet(spec: EncoderSpec) -> Encoder:
     opts = {"init_filters": 16, "blocks_down": (1, 2, 2, 4), "norm": "instance", **spec.options}
     opts["blocks_down"] = tuple(opts["blocks_down"])
     net = SegResEncoder(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels, **opts)
-    feat = opts["init_filters"] * 2 ** (len(opts["blocks_down"]) - 1)
-    return Encoder(_LastFeature(net), int(feat), spec)
+    n = len(opts["blocks_down"])
+    channels = [int(opts["init_filters"]) * 2**i for i in range(n)]
+    return Encoder(_ListBackbone(net, channels, [2**i for i in range(n)]), spec)
 
 
 @register_encoder("swinunetr")
@@ -222,4 +290,5 @@ def swinunetr(spec: EncoderSpec) -> Encoder:
         spatial_dims=d,
         **opts,
     )
-    return Encoder(_LastFeature(net), fs * 16, spec)
+    channels = [fs * 2**i for i in range(5)]
+    return Encoder(_ListBackbone(net, channels, [2 ** (i + 1) for i in range(5)]), spec)

@@ -1,0 +1,125 @@
+"""Evaluation tasks: a registry, and the context every task receives.
+
+A task is a function ``(ctx) -> TaskResult`` registered with :func:`register_task`; it
+returns metrics (JSON-able) and report sections. ``applies`` decides whether a task runs for
+a given checkpoint (e.g. landmark matching needs dense embeddings; the gap-matrix view needs a
+spatial_aware checkpoint). Tasks always compare against the same-architecture random encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anatomap.data.cache import Cache
+from anatomap.eval.report import Section
+from anatomap.models.encoders import Encoder, EncoderSpec, build_encoder
+from anatomap.objectives.base import Objective
+from anatomap.objectives.registry import get_objective, objective_config
+from anatomap.train.checkpoint import LoadedCheckpoint
+
+
+@dataclass
+class EvalContext:
+    """What a task may use: the checkpoint, its objective, the cache and held-out subjects."""
+
+    ckpt: LoadedCheckpoint
+    objective: Objective
+    cache: Cache
+    subjects: list[str]
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    _random: Encoder | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.ckpt.meta
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.ckpt.encoder
+
+    @property
+    def spec(self) -> EncoderSpec:
+        return EncoderSpec.from_dict(self.meta["encoder"])
+
+    @property
+    def name(self) -> str:
+        return f"{self.meta['objective']} (pretrained)"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.ckpt.path.parent
+
+    def random_encoder(self) -> Encoder:
+        """The same architecture freshly initialised with the evaluation seed (cached)."""
+        if self._random is None:
+            self._random = random_encoder(self.spec, self.seed)
+        return self._random
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, Any]
+    sections: list[Section]
+
+
+TaskFn = Callable[[EvalContext], TaskResult]
+
+
+@dataclass
+class Task:
+    name: str
+    fn: TaskFn
+    applies: Callable[[EvalContext], bool]
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(
+    name: str, applies: Callable[[EvalContext], bool] | None = None
+) -> Callable[[TaskFn], TaskFn]:
+    def wrap(fn: TaskFn) -> TaskFn:
+        _TASKS[name] = Task(name, fn, applies or (lambda ctx: True))
+        return fn
+
+    return wrap
+
+
+def list_tasks() -> list[str]:
+    import anatomap.eval  # noqa: F401  (registers the built-in tasks)
+
+    return list(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    from anatomap.errors import ConfigError
+
+    list_tasks()
+    if name not in _TASKS:
+        raise ConfigError(f"unknown evaluation task '{name}'; available: {', '.join(_TASKS)}")
+    return _TASKS[name]
+
+
+def random_encoder(spec: EncoderSpec, seed: int = 0) -> Encoder:
+    """The same architecture, freshly initialised with ``seed`` (the no-pretraining baseline)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    enc = build_encoder(spec)
+    torch.random.set_rng_state(state)
+    return enc.eval()
+
+
+def load_objective(ckpt: LoadedCheckpoint) -> Objective:
+    """Rebuild the checkpoint's objective (heads included) in eval mode."""
+    meta = ckpt.meta
+    cls = get_objective(meta["objective"])
+    params = objective_config({"name": meta["objective"], **meta.get("objective_config", {})})
+    objective = cls(params, ckpt.encoder)
+    objective.load_state_dict(ckpt.objective_state, strict=False)
+    return objective.eval()
