@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ANATOMAP = [sys.executable, "-m", "anatomap.cli"]
@@ -89,7 +90,10 @@ def test_index_cache_pretrain_evaluate(workdir: Path) -> None:
 
 def test_resume_continues_step_count(workdir: Path) -> None:
     args = ["data.cache=cache", "output=run_resume", "data.heldout=[sub-05]", *TINY]
-    run("pretrain", "isimed", "trainer.max_steps=4", *args, cwd=workdir)
+    run("pretrain", "isimed", "trainer.max_steps=5", *args, cwd=workdir)
+    # The resume file holds the final step, not only the last periodic one (every 4 steps).
+    state = torch.load(workdir / "run_resume" / "lightning" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 5
     refused = run("pretrain", "isimed", "trainer.max_steps=8", *args, cwd=workdir, check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     run("pretrain", "isimed", "trainer.max_steps=8", "--resume", *args, cwd=workdir)

@@ -55,6 +55,8 @@ def test_yaml_cannot_execute_code(tmp_path: Path) -> None:
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"not found|no such config"):
         config_path(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        config_path("typo/isimed.yaml")  # never falls back to the packaged file
     f = tmp_path / "list.yaml"
     f.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):

@@ -18,7 +18,7 @@ from anatomap.train.checkpoint import load_checkpoint, save_checkpoint
 # Small settings per objective so the contract runs in seconds on a CPU.
 SMALL = {"isimed": {"num_crops": 4, "crop_size": 16}}
 # Encoders whose input must be a multiple of 32 voxels.
-MIN_SIZE = {"swinunetr": 32}
+MIN_SIZE = {"swinunetr": 32, "resnet": 32}
 SMALL_OPTIONS = {
     "small_cnn": {"channels": [8, 16, 32]},
     "resnet": {"depth": 10},

@@ -112,6 +112,11 @@ def test_cache_resumes_and_rebuilds_half_written_entries(
         p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "subjects" / "sub-00").iterdir()
     }
     assert before == after  # untouched entries are not rewritten
+    # Other settings (here the stored dtype) invalidate every entry.
+    f32 = build_cache(
+        tmp_path / "m.jsonl", tmp_path / "c", spacing=2.0, dtype="float32", progress=False
+    )
+    assert f32.built == 6 and np.load(entry / "image.npy").dtype == np.float32
 
 
 def test_cache_reports_a_broken_subject_and_keeps_the_others(
@@ -129,3 +134,31 @@ def test_cache_reports_a_broken_subject_and_keeps_the_others(
     assert Cache(tmp_path / "c").subjects == ["sub-00", "sub-02"]
     info = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert info["subjects"] == ["sub-00", "sub-02"]
+
+
+def test_2d_images_cache_as_one_slice_volumes_and_train(tmp_path: Path) -> None:
+    """2-D scans go through index (ndim 2) -> cache -> 2-D views -> a 2-D encoder step."""
+    import torch
+
+    from anatomap.data.sampler import LocatedViewDataset
+    from anatomap.models.encoders import EncoderSpec, build_encoder
+    from anatomap.objectives.registry import get_objective, objective_config
+
+    scans = tmp_path / "xr"
+    for i in range(3):
+        v = blob_volume((40, 36, 1), (0.5, 0.5, 1.0), seed=i)
+        write_volume(Volume(v.array[..., 0], v.affine, "XR"), scans / f"p{i}_XR.nii.gz")
+    result = index_directory(scans, expect_ndim=2)
+    assert not result.problems and len(result.subjects) == 3
+    write_manifest(result, tmp_path / "m.jsonl")
+    cache = build_cache(tmp_path / "m.jsonl", tmp_path / "c", spacing=1.0, progress=False).cache
+    subject = cache["p0"]
+    assert subject.shape[2] == 1 and subject.shape[:2] == (20, 18)
+    enc = build_encoder(EncoderSpec("small_cnn", spatial_dims=2, options={"channels": [8, 16]}))
+    obj = get_objective("isimed")(objective_config({"name": "isimed", "crop_size": 8}), enc)
+    ds = LocatedViewDataset(cache, cache.subjects, obj.view_spec(), 2)
+    assert obj.view_spec().size == (8, 8)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 16, 1, 8, 8)
+    loss = obj(enc, batch)["loss"]
+    assert torch.isfinite(loss)

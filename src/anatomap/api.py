@@ -30,6 +30,8 @@ def config_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
+    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+        raise ConfigError(f"{p}: config file not found")
     packaged = resources.files("anatomap") / "configs" / f"{Path(str(name_or_path)).stem}.yaml"
     if packaged.is_file():
         return Path(str(packaged))

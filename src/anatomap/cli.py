@@ -24,9 +24,10 @@ def _print_position_table(metrics: dict) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from anatomap.data.manifest import index_directory, write_manifest
 
-    result = index_directory(
-        args.dir, table=args.table, expect_ndim=args.ndim, progress=not args.quiet
-    )
+    if args.dir is None and args.table is None:
+        raise AnatomapError("data index needs a folder to scan or --table CSV")
+    root = args.dir if args.dir is not None else args.table.parent
+    result = index_directory(root, table=args.table, expect_ndim=args.ndim, progress=not args.quiet)
     write_manifest(result, args.out)
     for p in result.problems:
         print(f"rejected: {p.path}: {p.reason}", file=sys.stderr)
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="index and cache scans")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("index", help="find and validate scans; write a JSONL manifest")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=Path, nargs="?", help="folder to scan (not needed with --table)")
     p.add_argument("--out", type=Path, required=True, help="manifest.jsonl to write")
     p.add_argument("--table", type=Path, help="CSV subject,modality,path[,kind] instead of names")
     p.add_argument("--ndim", type=int, default=3, choices=(2, 3), help="expected dimensionality")

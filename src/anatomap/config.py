@@ -36,7 +36,7 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """Encoder choice (see `anatomap.models.registry`)."""
+    """Encoder choice (see `anatomap.models.encoders`)."""
 
     name: str = "small_cnn"
     embed_dim: int = Field(default=64, gt=0)

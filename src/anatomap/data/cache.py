@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anatomap.data.manifest import SubjectRecord, load_landmarks, read_manifest
+from anatomap.data.manifest import SubjectRecord, _stat_signature, load_landmarks, read_manifest
 from anatomap.data.preprocess import IntensityPreset, parse_presets, preprocess, preset_for
+from anatomap.data.volume import Volume
 from anatomap.errors import AnatomapError, VolumeError
 from anatomap.io import read_volume
 
@@ -171,16 +172,15 @@ class CacheBuildResult:
     reused: int
 
 
-def _record_fingerprint(record: SubjectRecord, spacing: Any, presets: dict) -> str:
+def _record_fingerprint(record: SubjectRecord, spacing: Any, presets: dict, dtype: str) -> str:
     h = hashlib.sha256()
     items = [(m, r.path) for m, r in sorted(record.images.items())]
     items += [(f"label:{n}", r.path) for n, r in sorted(record.labels.items())]
     if record.landmarks:
         items.append(("landmarks", record.landmarks))
     for key, path in items:
-        st = os.stat(path)
-        h.update(f"{key}|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
-    h.update(json.dumps([spacing, presets, CACHE_VERSION], sort_keys=True).encode())
+        h.update(f"{key}|{path}|{_stat_signature(path)}".encode())
+    h.update(json.dumps([spacing, presets, dtype, CACHE_VERSION], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -193,6 +193,17 @@ def _foreground_points(image: np.ndarray, thresholds: Sequence[float], seed: int
         rng = np.random.default_rng(seed)
         pts = pts[np.sort(rng.choice(len(pts), MAX_FOREGROUND_POINTS, replace=False))]
     return pts
+
+
+def _read_3d(
+    path: str, modality: str | None, subject: str, ndim: int, dtype: type | None = None
+) -> Volume:
+    """Read a scan as indexed; a 2-D image becomes a one-slice volume ``[X, Y, 1]`` (its 4x4
+    affine already places slice 0), so 2-D data shares the 3-D cache and sampler."""
+    vol = read_volume(path, modality=modality, subject=subject, expect_ndim=ndim, dtype=dtype)
+    if vol.ndim == 2:
+        vol.array = vol.array[..., None]
+    return vol
 
 
 def _build_entry(
@@ -215,7 +226,7 @@ def _build_entry(
             thresholds.append(np.inf)
             continue
         preset = preset_for(presets, m)
-        vol = preprocess(read_volume(rec.path, modality=m, subject=record.subject), spacing, preset)
+        vol = preprocess(_read_3d(rec.path, m, record.subject, len(rec.shape)), spacing, preset)
         if ref_affine is None:
             ref_affine, ref_shape = vol.affine, vol.shape
         elif vol.shape != ref_shape or not np.allclose(vol.affine, ref_affine, atol=1e-3):
@@ -232,7 +243,10 @@ def _build_entry(
     _atomic_save_npy(folder / "foreground.npy", _foreground_points(image, thresholds, 0))
     for name, rec in sorted(record.labels.items()):
         lab = preprocess(
-            read_volume(rec.path, subject=record.subject, dtype=np.int32), spacing, None, label=True
+            _read_3d(rec.path, None, record.subject, len(rec.shape), np.int32),
+            spacing,
+            None,
+            label=True,
         )
         if lab.shape != ref_shape or not np.allclose(lab.affine, ref_affine, atol=1e-3):
             raise VolumeError(rec.path, "label grid differs from the subject's image grid")
@@ -282,7 +296,7 @@ def build_cache(
     for record in tqdm(records, desc="cache", unit="subject", disable=not progress):
         folder = out / "subjects" / record.subject
         try:
-            fp = _record_fingerprint(record, spacing, preset_dict)
+            fp = _record_fingerprint(record, spacing, preset_dict, dtype)
             meta_path = folder / "meta.json"
             if meta_path.exists():
                 try:

@@ -3,7 +3,7 @@
 ``build_demo`` writes a folder that looks like a user's folder of scans (NIfTI images, label
 maps, landmark tables), so the demo goes through exactly the user path. Each subject is the
 real MNI152 2009 T1 template (nilearn, 2 mm) seen through a known random transform, as
-described in ``docs/DATA.md``:
+described in the project's data notes (shared/docs/DATA.md):
 
 * geometry: a global affine (rotation ±8°, scale 0.9-1.1, shift ±10 mm) composed with a
   smooth cubic B-spline displacement (3-5 mm) maps subject world mm to template world mm;

@@ -3,7 +3,7 @@
 No files and no downloads: each generator returns a :class:`~anatomap.data.volume.Volume`
 whose array and RAS+ affine follow the requested voxel orientation. The CT phantom covers
 the CT path (HU values of air, fat, soft tissue, organs and bone), since no real 3-D CT
-installs with pip (see ``docs/DATA.md``).
+installs with pip (see the project's data notes (shared/docs/DATA.md)).
 
 The anatomy is defined in world millimetres, and the array is generated on the canonical
 RAS grid, then only permuted/flipped into the requested orientation: two phantoms with the

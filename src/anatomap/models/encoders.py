@@ -224,6 +224,7 @@ def resnet(spec: EncoderSpec) -> Encoder:
         feed_forward=False,
         **opts,
     )
+
     def out_channels(layer: nn.Module) -> int:
         block = layer[-1]
         conv = block.conv3 if hasattr(block, "conv3") else block.conv2

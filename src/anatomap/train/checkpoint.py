@@ -126,6 +126,11 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedCheckp
         raise CheckpointError(f"{folder / 'meta.json'}: not valid JSON ({exc})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder}: meta.json is not an anatomap checkpoint")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder}: checkpoint format {meta.get('format_version')} is newer than this "
+            f"anatomap reads ({FORMAT_VERSION}); upgrade anatomap"
+        )
     try:
         tensors = load_file(str(folder / "model.safetensors"), device=map_location)
     except Exception as exc:  # safetensors raises its own error types

@@ -47,10 +47,9 @@ def parameter_fingerprint(module: torch.nn.Module) -> str:
 class PretrainModule(L.LightningModule):
     """Encoder + objective; one optimiser over both; schedule computed per step."""
 
-    def __init__(self, cfg: RunConfig, in_channels: int, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: RunConfig, in_channels: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.steps_per_epoch = steps_per_epoch
         self.encoder = build_encoder(encoder_spec(cfg, in_channels))
         params = objective_config(cfg.objective)
         self.objective = get_objective(cfg.objective.name)(params, self.encoder)
@@ -76,9 +75,10 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         t = self.cfg.trainer
         opt = torch.optim.AdamW(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # One epoch = samples_per_epoch volumes over all ranks.
+        spe = steps_per_epoch(self.cfg, self.trainer.world_size if self._trainer else 1)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda step: lr_factor(step, t.warmup_steps, self.steps_per_epoch, t.lr_decay),
+            opt, lambda step: lr_factor(step, t.warmup_steps, spe, t.lr_decay)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -133,7 +133,10 @@ def heldout_subjects(cfg: RunConfig, config_dir: Path | None = None) -> list[str
         if not path.is_file():
             raise AnatomapError(f"{path}: data.heldout_file not found")
         with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row.get("split", "").strip().lower() in ("heldout", "test", "val"):
+            reader = csv.DictReader(fh)
+            if not {"subject", "split"} <= set(reader.fieldnames or []):
+                raise AnatomapError(f"{path}: data.heldout_file needs columns subject,split")
+            for row in reader:
+                if (row.get("split") or "").strip().lower() in ("heldout", "test", "val"):
                     out.append(row["subject"])
     return sorted(set(out))

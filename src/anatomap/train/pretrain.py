@@ -30,7 +30,6 @@ from anatomap.train.module import (
     ViewDataModule,
     encoder_spec,
     heldout_subjects,
-    steps_per_epoch,
 )
 
 
@@ -74,6 +73,8 @@ class SafetensorsCheckpoint(Callback):
 
     def on_train_end(self, trainer, module) -> None:  # type: ignore[override]
         self._save(trainer, module)
+        # The resume file matches the final weights too (all ranks take part in saving).
+        trainer.save_checkpoint(str(self.folder.parent / "lightning" / "last.ckpt"))
 
 
 @dataclass
@@ -127,7 +128,7 @@ def pretrain(
     train = [s for s in cache.subjects if s not in set(heldout)]
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     t = cfg.trainer
-    module = PretrainModule(cfg, len(cache.modalities), steps_per_epoch(cfg))
+    module = PretrainModule(cfg, len(cache.modalities))
     data = ViewDataModule(cfg, cache, train, module.objective.view_spec())
     meta = _meta(cfg, cache, train, heldout)
     meta["encoder"] = encoder_spec(cfg, len(cache.modalities)).to_dict()
