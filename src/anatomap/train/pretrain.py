@@ -74,7 +74,9 @@ class SafetensorsCheckpoint(Callback):
     def on_train_end(self, trainer, module) -> None:  # type: ignore[override]
         self._save(trainer, module)
         # The resume file matches the final weights too (all ranks take part in saving).
-        trainer.save_checkpoint(str(self.folder.parent / "lightning" / "last.ckpt"))
+        trainer.save_checkpoint(
+            str(self.folder.parent / "lightning" / "last.ckpt"), weights_only=False
+        )
 
 
 @dataclass
