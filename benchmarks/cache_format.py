@@ -31,9 +31,7 @@ def _crop(arr, start, size: int) -> np.ndarray:
     return np.asarray(arr[x : x + size, y : y + size, z : z + size], dtype=np.float32)
 
 
-def _time_reads(
-    open_fn, paths: list[Path], shape: tuple[int, ...], crops: int, size: int
-) -> float:
+def _time_reads(open_fn, paths: list[Path], shape: tuple[int, ...], crops: int, size: int) -> float:
     rng = np.random.default_rng(0)
     handles = [open_fn(p) for p in paths] if open_fn is not None else None
     t0 = time.perf_counter()
@@ -75,7 +73,10 @@ def main() -> None:
                 files[key].append(p)
         n = args.crops
         rows = [
-            ("in-memory numpy (lower bound)", _time_reads(lambda p: p, arrays, shape, n, args.size)),
+            (
+                "in-memory numpy (lower bound)",
+                _time_reads(lambda p: p, arrays, shape, n, args.size),
+            ),
             (
                 ".npy float16, mmap (anatomap cache)",
                 _time_reads(lambda p: np.load(p, mmap_mode="r"), files["f16"], shape, n, args.size),
@@ -119,8 +120,10 @@ def main() -> None:
     if args.write:
         out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
         if not out.exists():
-            out.write_text("# Benchmarks\n\nEvery table here is printed by a script in "
-                           "`benchmarks/`; the command is under each title.\n\n")
+            out.write_text(
+                "# Benchmarks\n\nEvery table here is printed by a script in "
+                "`benchmarks/`; the command is under each title.\n\n"
+            )
         with open(out, "a") as fh:
             fh.write(text + "\n")
 

@@ -16,7 +16,18 @@ from anatomap.objectives.registry import get_objective, list_objectives, objecti
 from anatomap.train.checkpoint import load_checkpoint, save_checkpoint
 
 # Small settings per objective so the contract runs in seconds on a CPU.
-SMALL = {"isimed": {"num_crops": 4, "crop_size": 16}}
+SMALL = {
+    "sam": {
+        "crop_size": 16,
+        "fine_anchors": 32,
+        "hard_pool": 32,
+        "hard_keep": 8,
+        "coarse_anchors": 8,
+        "coarse_global_negatives": 16,
+    },
+    "isimed": {"num_crops": 4, "crop_size": 16},
+    "spatial_aware": {"num_views": 4, "crop_size": 16, "head_hidden": 16},
+}
 # Encoders whose input must be a multiple of 32 voxels.
 MIN_SIZE = {"swinunetr": 32, "resnet": 32}
 SMALL_OPTIONS = {

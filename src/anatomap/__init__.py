@@ -7,6 +7,7 @@ The public API (each a counterpart of a CLI command) is imported lazily so that
     anatomap.cache / open_cache                         anatomap data cache
     anatomap.load_config / pretrain                     anatomap pretrain
     anatomap.evaluate                                   anatomap evaluate
+    anatomap.embed / match                              anatomap embed / match
     anatomap.run_demo                                   anatomap demo
     anatomap.read_volume, load_checkpoint, build_encoder, LocatedViewDataset, ViewSpec
 """
@@ -27,6 +28,8 @@ _LAZY = {
     "open_cache": "anatomap.api",
     "config_path": "anatomap.api",
     "run_demo": "anatomap.run_demo",
+    "embed": "anatomap.infer.api",
+    "match": "anatomap.infer.api",
     "write_manifest": "anatomap.data.manifest",
     "read_manifest": "anatomap.data.manifest",
     "read_volume": "anatomap.io",

@@ -21,6 +21,22 @@ def _print_position_table(metrics: dict) -> None:
         print(f"{name:<24} {m['spearman']:>9.3f} {m['r2']:>7.3f} {m['mean_error_mm']:>12.2f}")
 
 
+def _print_landmark_table(metrics: dict) -> None:
+    rows = metrics.get("landmarks", {}).get("matchers", {})
+    if not rows:
+        return
+    print(
+        f"\n{'matcher':<24} {'MRE mm':>7} {'median':>7} {'CPM@3':>6} {'CPM@5':>6} {'CPM@10':>6} "
+        f"{'s/target':>8}"
+    )
+    for name, m in rows.items():
+        o, t = m["overall"], m["timing"]
+        print(
+            f"{name:<24} {o['mre_mm']:>7.2f} {o['median_mm']:>7.2f} {o['cpm@3']:>6.2f} "
+            f"{o['cpm@5']:>6.2f} {o['cpm@10']:>6.2f} {t['time_per_target_s']:>8.2f}"
+        )
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from anatomap.data.manifest import index_directory, write_manifest
 
@@ -74,15 +90,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from anatomap.eval.evaluate import evaluate
 
     subjects = args.subjects.split(",") if args.subjects else None
+    compare = {}
+    for item in args.compare or []:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise AnatomapError(f"--compare '{item}' is not of the form NAME=RUN_OR_CHECKPOINT")
+        compare[label] = path
     res = evaluate(
         args.checkpoint,
         out=args.out,
         cache=args.cache,
         subjects=subjects,
+        tasks=args.tasks.split(",") if args.tasks else None,
         crops_per_subject=args.crops,
+        compare=compare,
+        registration=not args.no_registration,
     )
     _print_position_table(res.metrics)
+    _print_landmark_table(res.metrics)
     print(f"report: {res.report}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from anatomap.infer.api import embed
+    from anatomap.infer.embed import embedding_name
+
+    embed(args.checkpoint, args.volumes, args.out, window=args.window, overlap=args.overlap)
+    for v in args.volumes:
+        print(f"{v} -> {args.out / embedding_name(v)}")
+    return 0
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    from anatomap.infer.api import match
+
+    rows = match(
+        args.checkpoint,
+        args.template,
+        args.points,
+        args.targets,
+        voxel=args.voxel,
+        low_score=args.low_score,
+        out=args.out,
+        window=args.window,
+    )
+    low = [r for r in rows if r["low_confidence"]]
+    print(f"{len(rows)} matches written to {args.out} (and {args.out}.json)")
+    for r in low:
+        print(
+            f"low confidence: {r['name']} in {r['target']} (score {r['score']:.2f} < "
+            f"{args.low_score}): the target may not contain this anatomy",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -153,7 +213,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="cache to evaluate on (default: the run's)")
     p.add_argument("--subjects", help="comma-separated subjects (default: the run's held-out)")
     p.add_argument("--crops", type=int, default=48, help="crops per subject")
+    p.add_argument("--tasks", help="comma-separated tasks (default: every task that applies)")
+    p.add_argument(
+        "--compare", action="append", metavar="NAME=RUN", help="another checkpoint to compare"
+    )
+    p.add_argument("--no-registration", action="store_true", help="skip the registration baselines")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "embed", help="dense embeddings of whole scans (dense checkpoints, e.g. sam)"
+    )
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("volumes", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True, help="folder for <name>.emb.safetensors")
+    p.add_argument("--window", type=int, default=64, help="sliding-window edge (voxels)")
+    p.add_argument("--overlap", type=float, default=0.25)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("match", help="find template points in target scans")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("targets", type=Path, nargs="+", help="scans or saved .emb.safetensors")
+    p.add_argument("--template", type=Path, required=True, help="scan or saved embedding")
+    p.add_argument("--points", type=Path, required=True, help="CSV: name,x,y,z (or i,j,k)")
+    p.add_argument("--voxel", action="store_true", help="points are template voxel indices")
+    p.add_argument("--out", type=Path, default=Path("matches.csv"))
+    p.add_argument("--low-score", type=float, default=0.5, help="flag matches below this")
+    p.add_argument("--window", type=int, default=64)
+    p.set_defaults(func=cmd_match)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data")
     p.add_argument("--out", type=Path, default=Path("demo_out"))

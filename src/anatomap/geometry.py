@@ -51,8 +51,14 @@ def apply_affine(affine: Array, points: Array) -> Array:
     lin = affine[..., :3, :3]
     off = affine[..., :3, 3]
     if points.ndim == affine.ndim:  # [..., N, 3] with [..., 4, 4]
-        return points @ lin.swapaxes(-1, -2) + off[..., None, :]
-    return (lin @ points[..., None])[..., 0] + off
+        lin, off = lin[..., None, :, :], off[..., None, :]
+    # Three multiply-adds instead of a (N, 3) x (3, 3) matmul: BLAS is slow for k = 3.
+    return (
+        points[..., 0:1] * lin[..., :, 0]
+        + points[..., 1:2] * lin[..., :, 1]
+        + points[..., 2:3] * lin[..., :, 2]
+        + off
+    )
 
 
 def voxel_to_world(affine: Array, ijk: Array) -> Array:
@@ -212,3 +218,60 @@ def reorient(
     if squeeze:
         out = out[..., 0] if out.shape[-1] == 1 else out
     return out, new_affine
+
+
+def feature_affine(affine: Array, stride: int | float, offset: float = 0.0) -> Array:
+    """Affine of a feature map computed at ``stride`` from a view whose affine is ``affine``.
+
+    Feature voxel ``o`` sits at view voxel ``stride * o + offset`` (``offset`` 0 for
+    stride-2 convolutions with kernel 3 and padding 1, as in MONAI's residual units).
+    """
+    m = np.eye(4)
+    m[:3, :3] *= float(stride)
+    m[:3, 3] = float(offset)
+    if _is_torch(affine):
+        return affine @ torch.as_tensor(m, dtype=affine.dtype, device=affine.device)
+    return affine @ m
+
+
+def cross_distances(a: Array, b: Array) -> Array:
+    """Distances ``[..., N, M]`` between points ``a [..., N, 3]`` and ``b [..., M, 3]`` (mm)."""
+    if _is_torch(a):
+        return torch.cdist(a, b)
+    return np.linalg.norm(a[..., :, None, :] - b[..., None, :, :], axis=-1)
+
+
+def grid_sample_coords(ijk: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Continuous voxel indices ``[..., 3]`` -> the normalised ``[-1, 1]`` coordinates that
+    ``torch.nn.functional.grid_sample(..., align_corners=True)`` expects (last dim x, y, z
+    ordered as the array's last, middle, first spatial axis)."""
+    size = torch.as_tensor(list(shape), dtype=ijk.dtype, device=ijk.device)
+    norm = 2.0 * ijk / (size - 1).clamp_min(1) - 1.0
+    return norm.flip(-1)
+
+
+def inside(ijk: Array, shape: Sequence[int], margin: float = 0.0) -> Array:
+    """Whether continuous voxel indices lie within ``[margin, n - 1 - margin]`` on every axis."""
+    if _is_torch(ijk):
+        hi = torch.as_tensor(list(shape), dtype=ijk.dtype, device=ijk.device) - 1 - margin
+        return ((ijk >= margin) & (ijk <= hi)).all(-1)
+    hi = np.asarray(shape, np.float64) - 1 - margin
+    return np.all((ijk >= margin) & (ijk <= hi), axis=-1)
+
+
+def voxel_to_grid(ijk: Array, shape: Sequence[int]) -> Array:
+    """Sampling coordinates in ``[-1, 1]`` of continuous voxel indices ``ijk [..., 3]`` of a
+    box of ``shape`` voxels, for ``torch.nn.functional.grid_sample(align_corners=False)``.
+
+    The box's outer faces (index ``-0.5`` and ``n - 0.5``) map to -1 and +1, so a feature map
+    that covers the same field of view at any stride is sampled at the same world point. The
+    result has ``len(shape)`` components in grid_sample's order (last array axis first); the
+    third index of a 2-D box is dropped.
+    """
+    d = len(shape)
+    v = ijk[..., :d]
+    size = np.asarray(shape, np.float64)
+    if _is_torch(v):
+        size_t = torch.as_tensor(size, dtype=v.dtype, device=v.device)
+        return ((2.0 * v + 1.0) / size_t - 1.0).flip(-1)
+    return ((2.0 * v + 1.0) / size - 1.0)[..., ::-1]

@@ -23,6 +23,30 @@ from anatomap.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class IntensityAugment:
+    """Per-view intensity changes (MONAI random transforms, seeded from the sample's RNG):
+    gamma in ``gamma``, multiplicative scale ``1 + U(scale)``, Gaussian noise of ``noise_std``.
+    Geometry is untouched, so every voxel keeps its world position (SAM, Yan et al. 2022)."""
+
+    gamma: tuple[float, float] = (0.7, 1.5)
+    scale: tuple[float, float] = (-0.1, 0.1)
+    noise_std: float = 0.03
+
+    def apply(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        from monai.transforms import RandAdjustContrast, RandGaussianNoise, RandScaleIntensity
+
+        out = torch.from_numpy(np.ascontiguousarray(image))
+        for t in (
+            RandAdjustContrast(prob=1.0, gamma=self.gamma),
+            RandScaleIntensity(factors=self.scale, prob=1.0),
+            RandGaussianNoise(prob=1.0, std=self.noise_std),
+        ):
+            t.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            out = torch.as_tensor(t(out))
+        return np.asarray(out, dtype=np.float32)
+
+
+@dataclass(frozen=True)
 class ViewSpec:
     """What views to cut from each volume.
 
@@ -42,6 +66,7 @@ class ViewSpec:
     max_overlap: float | None = None
     max_tries: int = 50
     pad_value: float = 0.0
+    intensity: IntensityAugment | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -147,6 +172,8 @@ def sample_views(
         if first is None:
             first = (centre, src_shape)
         img, aff = cut_view(subject, centre, src_shape, out_shape, spec.pad_value)
+        if spec.intensity is not None:
+            img = spec.intensity.apply(img, rng)
         if len(spec.size) == 2:
             img = img[..., 0]
         images.append(img)

@@ -1,3 +1,7 @@
-"""Evaluation tasks (registered) and the report."""
+"""Evaluation tasks (registered on import) and the report."""
 
-from anatomap.eval import position  # noqa: F401  (registers "position")
+from anatomap.eval import (  # noqa: F401  (each module registers its task)
+    matchers,  # "landmarks"
+    position,  # "position"
+    spatial,  # "spatial_aware"
+)

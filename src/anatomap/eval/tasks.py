@@ -19,7 +19,7 @@ from anatomap.data.cache import Cache
 from anatomap.eval.report import Section
 from anatomap.models.encoders import Encoder, EncoderSpec, build_encoder
 from anatomap.objectives.base import Objective
-from anatomap.objectives.registry import get_objective, objective_config
+from anatomap.objectives.registry import load_objective  # noqa: F401  (re-exported)
 from anatomap.train.checkpoint import LoadedCheckpoint
 
 
@@ -113,13 +113,3 @@ def random_encoder(spec: EncoderSpec, seed: int = 0) -> Encoder:
     enc = build_encoder(spec)
     torch.random.set_rng_state(state)
     return enc.eval()
-
-
-def load_objective(ckpt: LoadedCheckpoint) -> Objective:
-    """Rebuild the checkpoint's objective (heads included) in eval mode."""
-    meta = ckpt.meta
-    cls = get_objective(meta["objective"])
-    params = objective_config({"name": meta["objective"], **meta.get("objective_config", {})})
-    objective = cls(params, ckpt.encoder)
-    objective.load_state_dict(ckpt.objective_state, strict=False)
-    return objective.eval()

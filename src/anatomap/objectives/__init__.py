@@ -1,6 +1,10 @@
 """Self-supervised objectives, one module per method, registered by name."""
 
-from anatomap.objectives import isimed  # noqa: F401  (registers "isimed")
+from anatomap.objectives import (
+    isimed,  # noqa: F401  (registers "isimed")
+    sam,  # noqa: F401  (registers "sam")
+    spatial_aware,  # noqa: F401
+)
 from anatomap.objectives.base import Objective, ObjectiveParams
 from anatomap.objectives.registry import (
     get_objective,

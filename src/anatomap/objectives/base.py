@@ -43,6 +43,9 @@ class Objective(nn.Module):
         """Return ``{"loss": scalar, other scalars to log...}``."""
         raise NotImplementedError
 
+    def on_after_step(self, encoder: Encoder, step: int, max_steps: int) -> None:
+        """Called after every optimiser step (e.g. to update an EMA teacher); default: nothing."""
+
     def embed(self, encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
         """The method's crop embedding used by the evaluation (default: encoder's pooled)."""
         return encoder(images).pooled

@@ -72,6 +72,9 @@ class PretrainModule(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.objective.on_after_step(self.encoder, self.global_step, self.cfg.trainer.max_steps)
+
     def configure_optimizers(self) -> Any:
         t = self.cfg.trainer
         opt = torch.optim.AdamW(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)

@@ -1,0 +1,154 @@
+"""Embedding matchers for the landmark task, and the task itself.
+
+- :class:`DenseMatcher`: SAM-style coarse-to-fine matching on dense embeddings
+  (:mod:`anatomap.infer.match`), for checkpoints with dense heads.
+- :class:`CropMatcher`: matching with a crop embedding (ISImed, or any pooled encoder): the
+  crop centred on the template point is compared with crops centred on a grid over the
+  target; the nearest embedding wins.
+The task ``landmarks`` compares the checkpoint with its random-init twin, the registration
+baselines (:mod:`anatomap.eval.registration`) and, when given, other checkpoints (``compare``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anatomap import geometry
+from anatomap.data.cache import CachedSubject
+from anatomap.data.sampler import cut_view
+from anatomap.eval import landmarks as lm
+from anatomap.eval.tasks import EvalContext, TaskResult, register_task
+from anatomap.infer.embed import DenseModel, embed_array
+from anatomap.infer.match import match_points
+from anatomap.models.encoders import Encoder
+from anatomap.objectives.base import Objective
+from anatomap.objectives.registry import load_objective
+from anatomap.train.checkpoint import load_checkpoint
+
+
+class DenseMatcher:
+    """Coarse-to-fine matching on the dense embeddings of a checkpoint (SAM)."""
+
+    def __init__(self, name: str, model: DenseModel, window: int = 64) -> None:
+        self.name = name
+        self.model = model
+        self.window = window
+
+    def prepare(self, subject: CachedSubject) -> Any:
+        return embed_array(
+            self.model, np.asarray(subject.image, np.float32), subject.affine, window=self.window
+        )
+
+    def match(self, template, template_state, points_mm, target, target_state) -> lm.MatchResult:
+        res = match_points(template_state, points_mm, target_state)
+        return lm.MatchResult(res.points_mm, res.scores)
+
+
+class CropMatcher:
+    """Nearest crop embedding over a grid of target crops (for pooled-embedding methods)."""
+
+    def __init__(
+        self,
+        name: str,
+        embed_fn: Callable[[torch.Tensor], torch.Tensor],
+        crop: int,
+        grid_mm: float = 8.0,
+        batch_size: int = 64,
+    ) -> None:
+        self.name = name
+        self.embed_fn = embed_fn
+        self.crop = np.array([crop, crop, crop])
+        self.grid_mm = grid_mm
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def _embed_at(self, subject: CachedSubject, centres_ijk: np.ndarray) -> torch.Tensor:
+        out = []
+        for i in range(0, len(centres_ijk), self.batch_size):
+            crops = [
+                cut_view(subject, c, self.crop, self.crop, 0.0)[0]
+                for c in centres_ijk[i : i + self.batch_size]
+            ]
+            out.append(self.embed_fn(torch.from_numpy(np.stack(crops))).float())
+        return torch.cat(out)
+
+    def prepare(self, subject: CachedSubject) -> Any:
+        step = np.maximum(1, np.round(self.grid_mm / geometry.spacing(subject.affine))).astype(int)
+        fg = subject.foreground
+        lo, hi = fg.min(0), fg.max(0)
+        axes = [np.arange(lo[k], hi[k] + 1, step[k]) for k in range(3)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3).astype(np.float64)
+        return grid, self._embed_at(subject, grid)
+
+    def match(self, template, template_state, points_mm, target, target_state) -> lm.MatchResult:
+        grid, emb = target_state
+        ijk = geometry.world_to_voxel(template.affine, np.asarray(points_mm, np.float64))
+        q = self._embed_at(template, ijk)
+        dist = torch.cdist(q, emb)
+        best = dist.argmin(1).numpy()
+        pts = geometry.voxel_to_world(target.affine, grid[best])
+        return lm.MatchResult(pts, -dist.min(1).values.numpy())
+
+
+def matcher_for(name: str, encoder: Encoder, objective: Objective, meta: dict) -> Any:
+    """The right matcher for a model: dense when its objective has dense heads."""
+    if getattr(objective, "dense_output", False):
+        return DenseMatcher(name, DenseModel(encoder, objective))
+    crop = int(meta.get("objective_config", {}).get("crop_size", 32))
+    return CropMatcher(name, lambda x: objective.embed(encoder, x), crop)
+
+
+def _random_twin(ctx: EvalContext) -> tuple[Encoder, Objective]:
+    """Random-init encoder and heads of the same architecture (the untrained baseline)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(ctx.seed)
+    enc = ctx.random_encoder()
+    obj = type(ctx.objective)(ctx.objective.config, enc).eval()
+    torch.random.set_rng_state(state)
+    return enc, obj
+
+
+def build_matchers(ctx: EvalContext) -> list[Any]:
+    from anatomap.eval.registration import AffineRegistration, BSplineRegistration
+
+    matchers = [matcher_for(ctx.name, ctx.encoder, ctx.objective, ctx.meta)]
+    enc, obj = _random_twin(ctx)
+    matchers.append(matcher_for("random init", enc, obj, ctx.meta))
+    for label, path in (ctx.options.get("compare") or {}).items():
+        other = load_checkpoint(path)
+        matchers.append(matcher_for(label, other.encoder, load_objective(other), other.meta))
+    if ctx.options.get("registration", True):
+        matchers += [AffineRegistration(), BSplineRegistration()]
+    return matchers
+
+
+def _applies(ctx: EvalContext) -> bool:
+    """By default for dense checkpoints (matching is what they are for) with landmarks on at
+    least two held-out subjects; ask for it by name (``tasks=["landmarks"]``) otherwise."""
+    dense = getattr(ctx.objective, "dense_output", False)
+    return dense and sum(bool(ctx.cache[s].landmarks) for s in ctx.subjects) >= 2
+
+
+@register_task("landmarks", applies=_applies)
+def landmark_task(ctx: EvalContext) -> TaskResult:
+    """Landmark matching on held-out pairs: MRE, median, CPM@3/5/10 mm, time per target."""
+    partial = set(ctx.options.get("partial") or ())
+    csv_path = ctx.options.get("subjects_csv") or ctx.meta.get("config", {}).get("data", {}).get(
+        "heldout_file"
+    )
+    if not partial and csv_path and Path(csv_path).is_file():
+        partial = lm.partial_subjects(Path(csv_path))
+    report = lm.evaluate_matchers(
+        build_matchers(ctx),
+        ctx.cache,
+        ctx.subjects,
+        partial=partial,
+        max_points=ctx.options.get("max_points", 40),
+        seed=ctx.seed,
+    )
+    return TaskResult(report.metrics(), lm.landmark_sections(report))

@@ -1,0 +1,278 @@
+"""SAM: Self-supervised Anatomical eMbedding (Yan et al., IEEE TMI 2022, arXiv 2012.02383).
+
+Every voxel gets two L2-normalised embeddings from a feature pyramid (MONAI's
+``FeaturePyramidNetwork`` over the encoder's pyramid): a *coarse* (global) map at low
+resolution and a *fine* (local) map at stride 2. Two overlapping, scale-jittered,
+intensity-augmented views of a volume are cut; voxels at the same world position (from the
+view affines, via :mod:`anatomap.geometry`) are positives; InfoNCE with temperature 0.5 per
+head. Fine negatives are mined by combined coarse + fine similarity (hard negatives, then a
+random subset); coarse negatives are voxels of the other view outside an ignore radius plus
+random voxels of the other volumes in the batch.
+
+Our choices (METHODS.md section 2): positives are sampled *exactly* at the anchor's world
+position by trilinear interpolation of the other view's map (instead of the nearest voxel);
+both directions (view 0 -> 1 and 1 -> 0) are used.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
+from pydantic import Field
+from torch import nn
+
+from anatomap import geometry
+from anatomap.data.sampler import IntensityAugment, ViewSpec
+from anatomap.models.encoders import Encoder
+from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
+from anatomap.objectives.registry import register_objective
+
+# ----------------------------------------------------------------------------- pure losses
+
+
+def info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float = 0.5,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE over L2-normalised embeddings.
+
+    ``anchors``/``positives`` ``[N, D]``; ``negatives`` ``[N, K, D]`` (per-anchor) or
+    ``[K, D]`` (shared); ``negative_mask`` ``[N, K]`` marks usable negatives.
+    """
+    pos = (anchors * positives).sum(-1, keepdim=True)
+    if negatives.ndim == 2:
+        neg = anchors @ negatives.T
+    else:
+        neg = torch.einsum("nd,nkd->nk", anchors, negatives)
+    if negative_mask is not None:
+        neg = neg.masked_fill(~negative_mask, float("-inf"))
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    target = torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
+    return F.cross_entropy(logits, target)
+
+
+def mine_hard_negatives(
+    similarity: torch.Tensor,
+    valid: torch.Tensor,
+    pool: int,
+    keep: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``[N, keep]`` of hard negatives: the ``pool`` most similar valid candidates
+    per anchor, of which ``keep`` are drawn at random. Also returns their validity mask
+    (false where an anchor had fewer valid candidates than asked)."""
+    pool = min(pool, similarity.shape[1])
+    keep = min(keep, pool)
+    masked = similarity.masked_fill(~valid, float("-inf"))
+    top_val, top_idx = masked.topk(pool, dim=1)
+    # The same random ranks for every anchor: a uniform subset of each anchor's top-k.
+    choice = torch.randperm(pool, generator=generator)[:keep].to(similarity.device)
+    idx = top_idx[:, choice]
+    ok = torch.isfinite(top_val[:, choice])
+    return idx, ok
+
+
+def outside_radius(
+    anchor_mm: torch.Tensor, candidate_mm: torch.Tensor, radius: float
+) -> torch.Tensor:
+    """``[N, M]`` mask of candidates farther than ``radius`` mm from each anchor."""
+    return geometry.cross_distances(anchor_mm.float(), candidate_mm.float()) > radius
+
+
+def sample_map(feature_map: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples ``[N, D]`` of ``feature_map [D, *s]`` at voxel indices ``ijk [N, 3]``,
+    re-normalised to unit length."""
+    grid = geometry.grid_sample_coords(ijk.to(feature_map.dtype), feature_map.shape[1:])
+    out = F.grid_sample(
+        feature_map[None], grid.view(1, -1, 1, 1, 3), align_corners=True, mode="bilinear"
+    )
+    return F.normalize(out.view(feature_map.shape[0], -1).T, dim=-1)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class SAMConfig(ObjectiveParams):
+    crop_size: int = Field(default=32, gt=0, description="view edge in voxels")
+    scale: tuple[float, float] = Field(default=(0.8, 1.2), description="per-view scale jitter")
+    min_overlap: float = Field(default=0.25, ge=0, le=1)
+    augment: bool = True
+    embed_dim: int = Field(default=128, gt=0, description="per head")
+    fpn_channels: int = Field(default=32, gt=0)
+    fine_level: int = Field(default=0, ge=0, description="pyramid level of the fine head")
+    coarse_level: int = Field(default=2, ge=0, description="pyramid level of the coarse head")
+    temperature: float = Field(default=0.5, gt=0)
+    fine_anchors: int = Field(default=256, gt=0)
+    hard_pool: int = Field(default=256, gt=0, description="top-k by coarse+fine similarity")
+    hard_keep: int = Field(default=64, gt=0, description="random subset of the top-k")
+    fine_ignore_mm: float = Field(default=6.0, ge=0, description="not negatives within this")
+    fine_candidates: int = Field(
+        default=4096, gt=0, description="random voxels of the other view ranked for mining"
+    )
+    coarse_anchors: int = Field(default=64, gt=0)
+    coarse_ignore_mm: float = Field(default=20.0, ge=0)
+    coarse_global_negatives: int = Field(default=256, ge=0, description="from other volumes")
+
+
+class DenseHeads(nn.Module):
+    """FPN over the encoder pyramid, then a 1x1x1 projection per head (L2-normalised)."""
+
+    def __init__(self, encoder: Encoder, cfg: SAMConfig) -> None:
+        super().__init__()
+        n = len(encoder.pyramid_channels)
+        if not cfg.fine_level < n or not cfg.coarse_level < n:
+            raise ValueError(f"encoder has {n} pyramid levels; fine/coarse levels out of range")
+        self.levels = sorted({cfg.fine_level, cfg.coarse_level})
+        self.use = list(range(min(self.levels), n))
+        d = encoder.spatial_dims
+        self.fpn = FeaturePyramidNetwork(
+            d, [encoder.pyramid_channels[i] for i in self.use], cfg.fpn_channels
+        )
+        conv = nn.Conv3d if d == 3 else nn.Conv2d
+        # The FPN's own 3x3 output convolutions already mix neighbourhoods: 1x1 heads.
+        self.fine = conv(cfg.fpn_channels, cfg.embed_dim, 1)
+        self.coarse = conv(cfg.fpn_channels, cfg.embed_dim, 1)
+        self.fine_level = cfg.fine_level
+        self.coarse_level = cfg.coarse_level
+
+    def forward(self, pyramid: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = OrderedDict((str(i), pyramid[i]) for i in self.use)
+        out = self.fpn(feats)
+        coarse = F.normalize(self.coarse(out[str(self.coarse_level)]), dim=1)
+        fine = F.normalize(self.fine(out[str(self.fine_level)]), dim=1)
+        return coarse, fine
+
+
+@register_objective("sam")
+class SAM(Objective):
+    """Coarse-to-fine pixel-wise contrastive learning on two overlapping views."""
+
+    Config = SAMConfig
+    config: SAMConfig
+    dense_output = True
+
+    def __init__(self, config: SAMConfig, encoder: Encoder) -> None:
+        super().__init__(config, encoder)
+        self.heads = DenseHeads(encoder, config)
+        self.strides = (
+            encoder.pyramid_strides[config.coarse_level],
+            encoder.pyramid_strides[config.fine_level],
+        )
+
+    def view_spec(self) -> ViewSpec:
+        c = self.config
+        return ViewSpec(
+            num_views=2,
+            size=(c.crop_size,) * self.spatial_dims,
+            scale=c.scale,
+            foreground=True,
+            min_overlap=c.min_overlap,
+            max_tries=100,
+            intensity=IntensityAugment() if c.augment else None,
+        )
+
+    def dense(self, encoder: Encoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse and fine embedding maps ``[B, D, *s]`` (unit length along D)."""
+        return self.heads(encoder.pyramid(images))
+
+    def embed(self, encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+        """Crop embedding for the position readout: the mean coarse embedding of the crop."""
+        coarse, _ = self.dense(encoder, images)
+        return F.normalize(coarse.flatten(2).mean(-1), dim=-1)
+
+    def forward(self, encoder: Encoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        b = images.shape[0]
+        coarse, fine = self.dense(encoder, flatten_views(images))
+        coarse = coarse.view(b, 2, *coarse.shape[1:]).float()
+        fine = fine.view(b, 2, *fine.shape[1:]).float()
+        affines = batch["affine"].to(torch.float64)
+        c_aff = geometry.feature_affine(affines, self.strides[0])
+        f_aff = geometry.feature_affine(affines, self.strides[1])
+        gen = torch.Generator(device="cpu").manual_seed(int(affines.sum().item() * 1e3) % 2**31)
+        fine_losses, coarse_losses = [], []
+        for i in range(b):
+            for a, o in ((0, 1), (1, 0)):
+                fl = self._fine_loss(
+                    fine[i, a],
+                    fine[i, o],
+                    coarse[i, a],
+                    coarse[i, o],
+                    f_aff[i, a],
+                    f_aff[i, o],
+                    c_aff[i, a],
+                    c_aff[i, o],
+                    gen,
+                )
+                if fl is not None:
+                    fine_losses.append(fl)
+                others = [coarse[j, v] for j in range(b) if j != i for v in (0, 1)]
+                cl = self._coarse_loss(
+                    coarse[i, a], coarse[i, o], c_aff[i, a], c_aff[i, o], others, gen
+                )
+                if cl is not None:
+                    coarse_losses.append(cl)
+        zero = images.sum() * 0.0
+        fine_l = torch.stack(fine_losses).mean() if fine_losses else zero
+        coarse_l = torch.stack(coarse_losses).mean() if coarse_losses else zero
+        return {
+            "loss": fine_l + coarse_l,
+            "fine": fine_l.detach(),
+            "coarse": coarse_l.detach(),
+            "pairs": torch.tensor(float(len(fine_losses))),
+        }
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _fine_loss(self, fa, fo, ca, co, faff_a, faff_o, caff_a, caff_o, gen):
+        c = self.config
+        sa, so = tuple(fa.shape[1:]), tuple(fo.shape[1:])
+        world_a = geometry.world_grid(faff_a, sa).reshape(-1, 3)
+        in_o = geometry.world_to_voxel(faff_o, world_a)
+        overlap = geometry.inside(in_o, so).nonzero().flatten()
+        if len(overlap) < 2:
+            return None
+        pick = overlap[torch.randperm(len(overlap), generator=gen)[: c.fine_anchors]]
+        anchor_w = world_a[pick]
+        anchors = F.normalize(fa.flatten(1).T[pick], dim=-1)
+        positives = sample_map(fo, in_o[pick])
+        cand_w = geometry.world_grid(faff_o, so).reshape(-1, 3)
+        sub = torch.randperm(len(cand_w), generator=gen)[: c.fine_candidates]
+        cand, cand_w = fo.flatten(1).T[sub], cand_w[sub]  # [M, D], [M, 3]
+        valid = outside_radius(anchor_w, cand_w, c.fine_ignore_mm)
+        with torch.no_grad():
+            # Combined coarse + fine similarity ranks the candidates (hard negative mining).
+            anchor_c = sample_map(ca, geometry.world_to_voxel(caff_a, anchor_w))
+            cand_c = sample_map(co, geometry.world_to_voxel(caff_o, cand_w))
+            sim = anchors @ cand.T + anchor_c @ cand_c.T
+            idx, ok = mine_hard_negatives(sim, valid, c.hard_pool, c.hard_keep, gen)
+        return info_nce(anchors, positives, cand[idx], c.temperature, ok)
+
+    def _coarse_loss(self, ca, co, caff_a, caff_o, others, gen):
+        c = self.config
+        sa, so = tuple(ca.shape[1:]), tuple(co.shape[1:])
+        world_a = geometry.world_grid(caff_a, sa).reshape(-1, 3)
+        in_o = geometry.world_to_voxel(caff_o, world_a)
+        overlap = geometry.inside(in_o, so).nonzero().flatten()
+        if len(overlap) < 1:
+            return None
+        pick = overlap[torch.randperm(len(overlap), generator=gen)[: c.coarse_anchors]]
+        anchors = ca.flatten(1).T[pick]
+        positives = sample_map(co, in_o[pick])
+        cand = co.flatten(1).T
+        cand_w = geometry.world_grid(caff_o, so).reshape(-1, 3)
+        valid = outside_radius(world_a[pick], cand_w, c.coarse_ignore_mm)
+        if others and c.coarse_global_negatives > 0:
+            pool = torch.cat([o.flatten(1).T for o in others])
+            take = torch.randperm(len(pool), generator=gen)[: c.coarse_global_negatives]
+            cand = torch.cat([cand, pool[take]])
+            valid = torch.cat([valid, valid.new_ones(len(pick), len(take))], dim=1)
+        if not valid.any():
+            return None
+        return info_nce(anchors, positives, cand, c.temperature, valid)
