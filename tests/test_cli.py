@@ -176,3 +176,94 @@ def test_demo_end_to_end_and_idempotent(tmp_path: Path) -> None:
     second = run(*args, cwd=tmp_path)
     assert "built 0, reused 4" in second.stdout
     assert image.stat().st_mtime_ns == stamp
+
+
+SAM_TINY = [
+    "objective.crop_size=16",
+    "objective.fine_anchors=32",
+    "objective.hard_pool=32",
+    "objective.hard_keep=8",
+    "objective.coarse_anchors=8",
+    "objective.coarse_global_negatives=16",
+    "model.options={channels: [8, 16, 32, 32]}",
+    "trainer.batch_size=2",
+    *TINY[3:],
+]
+
+
+def test_sam_embed_and_match_through_the_cli(workdir: Path, tiny_dataset: Path) -> None:
+    run(
+        "pretrain",
+        "sam",
+        "data.cache=cache",
+        "output=run_sam",
+        "trainer.max_steps=3",
+        "data.heldout=[sub-05]",
+        *SAM_TINY,
+        cwd=workdir,
+    )
+    scans = [tiny_dataset / "sub-04_T1w.nii.gz", tiny_dataset / "sub-05_T1w.nii.gz"]
+    run("embed", "run_sam", *map(str, scans), "--out", "emb", "--window", "16", cwd=workdir)
+    saved = sorted(p.name for p in (workdir / "emb").iterdir())
+    assert saved == ["sub-04_T1w.emb.safetensors", "sub-05_T1w.emb.safetensors"]
+
+    (workdir / "points.csv").write_text("name,i,j,k\nA,10,12,11\nB,5,6,7\n")
+    out = run(
+        "match",
+        "run_sam",
+        "emb/sub-05_T1w.emb.safetensors",
+        "--template",
+        str(scans[0]),
+        "--points",
+        "points.csv",
+        "--voxel",
+        "--out",
+        "m.csv",
+        "--window",
+        "16",
+        cwd=workdir,
+    )
+    assert "2 matches" in out.stdout
+    rows = (workdir / "m.csv").read_text().splitlines()
+    assert rows[0].split(",") == [
+        "target",
+        "name",
+        "template_x",
+        "template_y",
+        "template_z",
+        "x",
+        "y",
+        "z",
+        "score",
+        "low_confidence",
+    ]
+    assert len(rows) == 3
+    assert json.loads((workdir / "m.csv.json").read_text())[1]["name"] == "B"
+
+    # A point outside the template, and a checkpoint without dense heads: clear messages.
+    (workdir / "far.csv").write_text("name,x,y,z\nfar,500,500,500\n")
+    far = run(
+        "match",
+        "run_sam",
+        str(scans[1]),
+        "--template",
+        str(scans[0]),
+        "--points",
+        "far.csv",
+        "--window",
+        "16",
+        cwd=workdir,
+        check=False,
+    )
+    assert far.returncode == 2 and "outside the template image" in far.stderr
+    run(
+        "pretrain",
+        "isimed",
+        "data.cache=cache",
+        "output=run_not_dense",
+        "trainer.max_steps=1",
+        *TINY,
+        cwd=workdir,
+    )
+    notdense = run("embed", "run_not_dense", str(scans[0]), "--out", "e2", cwd=workdir, check=False)
+    assert notdense.returncode == 2 and "no dense" in notdense.stderr

@@ -1,4 +1,5 @@
-"""The ``anatomap`` command: data index | data cache | pretrain | evaluate | demo | list.
+"""The ``anatomap`` command: data index | data cache | pretrain | evaluate | embed | match |
+demo | list.
 
 Every sub-command calls the Python API (``anatomap.api``). Errors that anatomap raises on
 purpose are printed as one line (``anatomap: error: FILE: problem``) with exit code 2; a
@@ -16,6 +17,8 @@ from anatomap.errors import AnatomapError
 
 def _print_position_table(metrics: dict) -> None:
     rows = metrics.get("position", {}).get("encoders", {})
+    if not rows:
+        return
     print(f"{'encoder':<24} {'Spearman':>9} {'R^2':>7} {'mean err mm':>12}")
     for name, m in rows.items():
         print(f"{name:<24} {m['spearman']:>9.3f} {m['r2']:>7.3f} {m['mean_error_mm']:>12.2f}")
@@ -164,11 +167,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from anatomap.eval.tasks import list_tasks
     from anatomap.models import list_encoders
     from anatomap.objectives import list_objectives
 
+    configs = sorted(
+        f.name.removesuffix(".yaml")
+        for f in (resources.files("anatomap") / "configs").iterdir()
+        if f.name.endswith(".yaml")
+    )
     print("objectives:", ", ".join(list_objectives()))
     print("encoders:  ", ", ".join(list_encoders()))
+    print("eval tasks:", ", ".join(list_tasks()))
+    print("configs:   ", ", ".join(configs))
     return 0
 
 
@@ -201,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("pretrain", help="train a config: pretrain CONFIG [key=value ...]")
-    p.add_argument("config", help="YAML file or packaged config name (isimed, demo)")
+    p.add_argument("config", help="YAML file or packaged config name (see `anatomap list`)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in output=")
     p.add_argument("--overwrite", action="store_true", help="start the run folder again")

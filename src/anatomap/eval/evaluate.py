@@ -87,8 +87,14 @@ def evaluate(
     }
     sections: list[Section] = []
     for task in chosen:
-        if tasks is None and not task.applies(ctx):
-            continue
+        if not task.applies(ctx):
+            if tasks is None:
+                continue
+            if task.name != "landmarks":  # landmarks can be asked for on any checkpoint
+                raise AnatomapError(
+                    f"{ckpt.path}: task '{task.name}' does not apply to a "
+                    f"'{meta['objective']}' checkpoint"
+                )
         result = task.fn(ctx)
         metrics[task.name] = result.metrics
         sections.extend(result.sections)

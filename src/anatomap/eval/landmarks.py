@@ -1,7 +1,7 @@
 """Landmark matching: find the same anatomical point in another scan, and score it.
 
-SAM's inference (Yan et al. 2022, METHODS.md section 2) and image registration (the classical
-bar, METHODS.md "Peers") answer one question: given a point in a *template* scan, where is
+SAM's inference (Yan et al. 2022, the project spec, docs/methods/sam.md) and image registration (the classical
+bar, the project spec's peers) answer one question: given a point in a *template* scan, where is
 the same anatomy in a *target* scan? This module evaluates any method that answers it, as a
 :class:`Matcher`, on subjects whose named landmarks are known in world millimetres (RAS+):
 

@@ -21,10 +21,11 @@ import torch
 from anatomap import geometry
 from anatomap.data.cache import CachedSubject
 from anatomap.data.sampler import cut_view
+from anatomap.errors import AnatomapError
 from anatomap.eval import landmarks as lm
 from anatomap.eval.tasks import EvalContext, TaskResult, register_task
 from anatomap.infer.embed import DenseModel, embed_array
-from anatomap.infer.match import match_points
+from anatomap.infer.match import coarse_on_fine_grid, match_points
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import Objective
 from anatomap.objectives.registry import load_objective
@@ -40,9 +41,11 @@ class DenseMatcher:
         self.window = window
 
     def prepare(self, subject: CachedSubject) -> Any:
-        return embed_array(
+        emb = embed_array(
             self.model, np.asarray(subject.image, np.float32), subject.affine, window=self.window
         )
+        coarse_on_fine_grid(emb)  # part of the per-volume work, not of each match
+        return emb
 
     def match(self, template, template_state, points_mm, target, target_state) -> lm.MatchResult:
         res = match_points(template_state, points_mm, target_state)
@@ -103,23 +106,15 @@ def matcher_for(name: str, encoder: Encoder, objective: Objective, meta: dict) -
     return CropMatcher(name, lambda x: objective.embed(encoder, x), crop)
 
 
-def _random_twin(ctx: EvalContext) -> tuple[Encoder, Objective]:
-    """Random-init encoder and heads of the same architecture (the untrained baseline)."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(ctx.seed)
-    enc = ctx.random_encoder()
-    obj = type(ctx.objective)(ctx.objective.config, enc).eval()
-    torch.random.set_rng_state(state)
-    return enc, obj
-
-
 def build_matchers(ctx: EvalContext) -> list[Any]:
     from anatomap.eval.registration import AffineRegistration, BSplineRegistration
 
     matchers = [matcher_for(ctx.name, ctx.encoder, ctx.objective, ctx.meta)]
-    enc, obj = _random_twin(ctx)
+    enc, obj = ctx.random_encoder(), ctx.random_objective()
     matchers.append(matcher_for("random init", enc, obj, ctx.meta))
     for label, path in (ctx.options.get("compare") or {}).items():
+        if label in {m.name for m in matchers} | {"affine", "affine+bspline"}:
+            raise AnatomapError(f"--compare name '{label}' is already a row of the table")
         other = load_checkpoint(path)
         matchers.append(matcher_for(label, other.encoder, load_objective(other), other.meta))
     if ctx.options.get("registration", True):
@@ -138,9 +133,7 @@ def _applies(ctx: EvalContext) -> bool:
 def landmark_task(ctx: EvalContext) -> TaskResult:
     """Landmark matching on held-out pairs: MRE, median, CPM@3/5/10 mm, time per target."""
     partial = set(ctx.options.get("partial") or ())
-    csv_path = ctx.options.get("subjects_csv") or ctx.meta.get("config", {}).get("data", {}).get(
-        "heldout_file"
-    )
+    csv_path = ctx.options.get("subjects_csv") or ctx.meta.get("data", {}).get("heldout_file")
     if not partial and csv_path and Path(csv_path).is_file():
         partial = lm.partial_subjects(Path(csv_path))
     report = lm.evaluate_matchers(

@@ -166,10 +166,10 @@ def position_task(ctx: EvalContext) -> TaskResult:
     per_subject = int(ctx.options.get("crops_per_subject", 48))
     size = crop_size(ctx.meta, ctx.spec.spatial_dims)
     crops = sample_crops(ctx.cache, ctx.subjects, size, per_subject, ctx.seed)
-    rand = ctx.random_encoder()
+    rand, rand_obj = ctx.random_encoder(), ctx.random_objective()
     embedders = {
         ctx.name: lambda x: ctx.objective.embed(ctx.encoder, x),
-        "random init": lambda x: rand(x).pooled,
+        "random init": lambda x: rand_obj.embed(rand, x),
     }
     results = {
         name: position_readout(embed(fn, crops.images), crops.centres, crops.groups, ctx.seed)

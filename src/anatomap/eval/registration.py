@@ -1,7 +1,7 @@
 """Image registration as a landmark :class:`~anatomap.eval.landmarks.Matcher` (SimpleITK).
 
 The classical way to find the same anatomical point in two scans, and the bar that SAM
-(Yan et al. 2022) claims to beat (METHODS.md, "Peers"). Two matchers:
+(Yan et al. 2022) claims to beat (the project spec's peers). Two matchers:
 
 * :class:`AffineRegistration`: a 12-parameter affine transform;
 * :class:`BSplineRegistration`: the same affine, then a cubic B-spline free-form

@@ -111,25 +111,27 @@ def summarise(volumes: list[VolumeObservables]) -> dict[str, float | list[float]
 
 def gap_matrix_figure(v: VolumeObservables) -> plt.Figure:
     """True (top) and predicted (bottom) gap matrices per axis, shared colour scale per axis."""
-    fig, axes = plt.subplots(2, 3, figsize=(12.5, 7.4))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.6), layout="constrained")
     n = len(v.true_locations)
+    ticks = list(range(0, n, max(1, n // 8)))
     for k in range(3):
         lim = float(np.abs(v.true_gaps[..., k]).max()) or 1.0
         for row, (label, m) in enumerate((("true", v.true_gaps), ("predicted", v.pred_gaps))):
             ax = axes[row, k]
             im = ax.imshow(m[..., k], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             err = np.abs(v.pred_gaps[..., k] - v.true_gaps[..., k])[v.pairs].mean()
-            title = f"{label} gap {AXES[k]} (mm)"
-            ax.set_title(title if row == 0 else f"{title}, |error| {err:.1f} mm", fontsize=10)
-            ax.set_xlabel("view j")
-            ax.set_ylabel("view i")
-            ticks = range(0, n, max(1, n // 8))
-            ax.set_xticks(list(ticks))
-            ax.set_yticks(list(ticks))
-        fig.colorbar(im, ax=axes[:, k].tolist(), shrink=0.8, label=f"{AXES[k]}_j - {AXES[k]}_i")
+            title = f"{label} gap {AXES[k]}"
+            ax.set_title(title if row == 0 else f"{title} (|error| {err:.1f} mm)", fontsize=10)
+            ax.set_xlabel("view j", fontsize=9)
+            ax.set_ylabel("view i", fontsize=9)
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+        fig.colorbar(
+            im, ax=axes[:, k].tolist(), shrink=0.7, label=f"{AXES[k]}_j - {AXES[k]}_i (mm)"
+        )
     fig.suptitle(
-        f"{v.subject}: gap matrices, entry (i, j) = centre_j - centre_i; {n} views sorted by "
-        f"S; mean gap error {v.gap_errors().mean():.1f} mm",
+        f"{v.subject}: entry (i, j) = centre_j - centre_i; {n} views sorted by S; "
+        f"mean gap error {v.gap_errors().mean():.1f} mm",
         fontsize=11,
     )
     return fig

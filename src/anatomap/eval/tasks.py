@@ -34,6 +34,7 @@ class EvalContext:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     _random: Encoder | None = None
+    _random_objective: Objective | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -60,6 +61,17 @@ class EvalContext:
         if self._random is None:
             self._random = random_encoder(self.spec, self.seed)
         return self._random
+
+    def random_objective(self) -> Objective:
+        """The objective's heads freshly initialised around :meth:`random_encoder`, so the
+        untrained baseline embeds crops the same way as the method (``objective.embed``)."""
+        if self._random_objective is None:
+            state = torch.random.get_rng_state()
+            torch.manual_seed(self.seed + 1)
+            obj = type(self.objective)(self.objective.config, self.random_encoder())
+            torch.random.set_rng_state(state)
+            self._random_objective = obj.eval()
+        return self._random_objective
 
 
 @dataclass

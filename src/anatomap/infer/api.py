@@ -76,7 +76,7 @@ def match(
     model = _model(checkpoint)
     t_emb = load_or_embed(model, template, **kwargs)
     if isinstance(points, str | Path):
-        names, coords = read_points(points)
+        names, coords = read_points(points, voxel=voxel)
     else:
         coords = np.asarray(points, np.float64).reshape(-1, 3)
         names = list(names) if names is not None else [f"p{i}" for i in range(len(coords))]

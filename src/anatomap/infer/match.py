@@ -55,18 +55,36 @@ def template_vectors(
     return sample_map(template.coarse, ijk_c), sample_map(template.fine, ijk_f)
 
 
+def coarse_on_fine_grid(emb: DenseEmbedding) -> torch.Tensor:
+    """The coarse map interpolated at every fine voxel's world position (re-normalised),
+    ``[D, *fine shape]``; computed once per embedding and kept on it."""
+    cached = getattr(emb, "_coarse_on_fine", None)
+    if cached is None:
+        shape_f = tuple(emb.fine.shape[1:])
+        world = geometry.world_grid(torch.as_tensor(emb.fine_affine), shape_f).reshape(-1, 3)
+        ijk = geometry.world_to_voxel(torch.as_tensor(emb.coarse_affine), world)
+        cached = sample_map(emb.coarse, ijk).T.reshape(-1, *shape_f).contiguous()
+        emb._coarse_on_fine = cached  # type: ignore[attr-defined]
+    return cached
+
+
 def match_points(
     template: DenseEmbedding,
     points_mm: np.ndarray,
     target: DenseEmbedding,
     refine_radius_mm: float | None = None,
+    candidates: int = 3,
 ) -> MatchResult:
     """Coarse argmax, then coarse + fine argmax within ``refine_radius_mm`` of it (default:
-    one and a half coarse voxels)."""
+    one and a half coarse voxels). The ``candidates`` best coarse voxels are each refined and
+    the best combined score wins, which guards against a single wrong coarse peak."""
     q_c, q_f = template_vectors(template, points_mm)
+    n_pts = len(q_c)
     t_c = target.coarse.flatten(1)  # [D, Mc]
     sim_c = q_c @ t_c  # [N, Mc]
-    best = sim_c.argmax(1)
+    k_c = min(candidates, sim_c.shape[1])
+    best = sim_c.topk(k_c, dim=1).indices.reshape(-1)  # [N * k_c]
+    q_c, q_f = q_c.repeat_interleave(k_c, 0), q_f.repeat_interleave(k_c, 0)
     shape_c = target.coarse.shape[1:]
     ijk_best = torch.stack(torch.unravel_index(best, shape_c), -1).to(torch.float64)
     coarse_aff = torch.as_tensor(target.coarse_affine)
@@ -74,44 +92,36 @@ def match_points(
     centre_mm = geometry.voxel_to_world(coarse_aff, ijk_best)
     if refine_radius_mm is None:
         refine_radius_mm = 1.5 * float(geometry.spacing(target.coarse_affine).max())
+    # Every point's neighbourhood at once: a box of fine voxels around its coarse match.
     fine_spacing = geometry.spacing(target.fine_affine)
     half = np.ceil(refine_radius_mm / fine_spacing).astype(int)
-    shape_f = np.asarray(target.fine.shape[1:])
-    out_pts = np.zeros((len(q_c), 3))
-    scores = np.zeros(len(q_c))
-    coarse_scores = sim_c.max(1).values.numpy().astype(np.float64)
-    for n in range(len(q_c)):
-        c_ijk = np.round(geometry.world_to_voxel(target.fine_affine, centre_mm[n].numpy()))
-        lo = np.clip(c_ijk - half, 0, shape_f - 1).astype(int)
-        hi = np.clip(c_ijk + half, 0, shape_f - 1).astype(int) + 1
-        box = target.fine[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        grid = (
-            torch.stack(
-                torch.meshgrid(
-                    *[torch.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"
-                ),
-                -1,
-            )
-            .reshape(-1, 3)
-            .to(torch.float64)
-        )
-        world = geometry.voxel_to_world(fine_aff, grid)
-        fine_sim = q_f[n] @ box.reshape(box.shape[0], -1)
-        coarse_at = sample_map(target.coarse, geometry.world_to_voxel(coarse_aff, world))
-        combined = fine_sim + coarse_at @ q_c[n]
-        within = geometry.cross_distances(world, centre_mm[n][None])[:, 0] <= refine_radius_mm
-        combined = combined.masked_fill(~within, float("-inf"))
-        k = int(combined.argmax())
-        out_pts[n] = world[k].numpy()
-        scores[n] = float(combined[k]) / 2.0
-    return MatchResult(out_pts, scores, coarse_scores)
+    offsets = torch.stack(
+        torch.meshgrid(*[torch.arange(-h, h + 1) for h in half], indexing="ij"), -1
+    ).reshape(-1, 3)
+    shape_f = torch.as_tensor(target.fine.shape[1:])
+    centre_ijk = geometry.world_to_voxel(fine_aff, centre_mm).round().long()  # [N, 3]
+    ijk = centre_ijk[:, None, :] + offsets[None]  # [N, K, 3]
+    valid = ((ijk >= 0) & (ijk < shape_f)).all(-1)
+    ijk = torch.minimum(ijk.clamp_min(0), shape_f - 1)
+    world = geometry.voxel_to_world(fine_aff, ijk.to(torch.float64))  # [N, K, 3]
+    within = (world - centre_mm[:, None, :]).norm(dim=-1) <= refine_radius_mm
+    flat = (ijk[..., 0] * shape_f[1] + ijk[..., 1]) * shape_f[2] + ijk[..., 2]
+    fine_vecs = target.fine.flatten(1).T[flat]  # [N, K, D]
+    fine_sim = torch.einsum("nkd,nd->nk", fine_vecs, q_f)
+    coarse_vecs = coarse_on_fine_grid(target).flatten(1).T[flat]  # [N, K, D]
+    coarse_sim = torch.einsum("nkd,nd->nk", coarse_vecs, q_c)
+    combined = fine_sim + coarse_sim
+    combined = combined.masked_fill(~(valid & within), float("-inf"))
+    best_val, k = combined.max(1)  # per (point, coarse candidate)
+    pick = best_val.view(n_pts, k_c).argmax(1) + torch.arange(n_pts) * k_c
+    out_pts = world[pick, k[pick]].numpy()
+    scores = (best_val[pick] / 2.0).double().numpy()
+    return MatchResult(out_pts, scores, sim_c.max(1).values.double().numpy())
 
 
-def read_points(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """A CSV of points: columns ``x,y,z`` (optional ``name``); or ``i,j,k`` voxel indices.
-
-    Returns names and the coordinates as written (world mm or voxel indices).
-    """
+def read_points(path: str | Path, voxel: bool = False) -> tuple[list[str], np.ndarray]:
+    """A CSV of points: columns ``x,y,z`` in world mm, or ``i,j,k`` voxel indices with
+    ``voxel=True`` (optional ``name``). Returns names and the coordinates as written."""
     p = Path(path)
     try:
         with open(p, newline="") as fh:
@@ -120,9 +130,13 @@ def read_points(path: str | Path) -> tuple[list[str], np.ndarray]:
             rows = list(reader)
     except OSError as exc:
         raise AnatomapError(f"{p}: cannot read points ({exc})") from None
-    keys = ("x", "y", "z") if {"x", "y", "z"} <= set(cols) else ("i", "j", "k")
+    keys = ("i", "j", "k") if voxel else ("x", "y", "z")
     if not set(keys) <= set(cols):
-        raise AnatomapError(f"{p}: points CSV needs columns x,y,z (world mm) or i,j,k (voxels)")
+        want = "i,j,k (voxel indices, with --voxel)" if voxel else "x,y,z (world mm)"
+        other = (
+            " (it has i,j,k: pass --voxel)" if not voxel and {"i", "j", "k"} <= set(cols) else ""
+        )
+        raise AnatomapError(f"{p}: points CSV needs columns {want}{other}")
     names, coords = [], []
     for line, row in enumerate(rows, start=2):
         row = {k.strip().lower(): v for k, v in row.items() if k}

@@ -9,7 +9,7 @@ head. Fine negatives are mined by combined coarse + fine similarity (hard negati
 random subset); coarse negatives are voxels of the other view outside an ignore radius plus
 random voxels of the other volumes in the batch.
 
-Our choices (METHODS.md section 2): positives are sampled *exactly* at the anchor's world
+Our choices (the project spec, docs/methods/sam.md): positives are sampled *exactly* at the anchor's world
 position by trilinear interpolation of the other view's map (instead of the nearest voxel);
 both directions (view 0 -> 1 and 1 -> 0) are used.
 """

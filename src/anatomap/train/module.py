@@ -124,17 +124,25 @@ def steps_per_epoch(cfg: RunConfig, world_size: int = 1) -> int:
     return max(1, math.floor(cfg.data.samples_per_epoch / (cfg.trainer.batch_size * world_size)))
 
 
+def heldout_file(cfg: RunConfig, config_dir: Path | None = None) -> Path | None:
+    """``data.heldout_file`` resolved (relative paths: the working folder, else the config's)."""
+    if not cfg.data.heldout_file:
+        return None
+    path = Path(cfg.data.heldout_file)
+    if not path.is_absolute() and config_dir is not None and not path.exists():
+        path = config_dir / path
+    if not path.is_file():
+        raise AnatomapError(f"{path}: data.heldout_file not found")
+    return path.resolve()
+
+
 def heldout_subjects(cfg: RunConfig, config_dir: Path | None = None) -> list[str]:
     """Subjects named in ``data.heldout`` plus those marked held out in ``data.heldout_file``."""
     import csv
 
     out = list(cfg.data.heldout)
-    if cfg.data.heldout_file:
-        path = Path(cfg.data.heldout_file)
-        if not path.is_absolute() and config_dir is not None and not path.exists():
-            path = config_dir / path
-        if not path.is_file():
-            raise AnatomapError(f"{path}: data.heldout_file not found")
+    path = heldout_file(cfg, config_dir)
+    if path is not None:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
             if not {"subject", "split"} <= set(reader.fieldnames or []):

@@ -29,6 +29,7 @@ from anatomap.train.module import (
     PretrainModule,
     ViewDataModule,
     encoder_spec,
+    heldout_file,
     heldout_subjects,
 )
 
@@ -88,7 +89,9 @@ class PretrainResult:
     is_global_zero: bool = True
 
 
-def _meta(cfg: RunConfig, cache: Cache, train: list[str], heldout: list[str]) -> dict[str, Any]:
+def _meta(
+    cfg: RunConfig, cache: Cache, train: list[str], heldout: list[str], split: Path | None
+) -> dict[str, Any]:
     return {
         "objective": cfg.objective.name,
         "objective_config": objective_config(cfg.objective).model_dump(mode="json"),
@@ -101,6 +104,7 @@ def _meta(cfg: RunConfig, cache: Cache, train: list[str], heldout: list[str]) ->
             "preprocessing": cache.info.get("presets"),
             "train_subjects": train,
             "heldout_subjects": heldout,
+            "heldout_file": str(split) if split else None,
         },
     }
 
@@ -132,7 +136,7 @@ def pretrain(
     t = cfg.trainer
     module = PretrainModule(cfg, len(cache.modalities))
     data = ViewDataModule(cfg, cache, train, module.objective.view_spec())
-    meta = _meta(cfg, cache, train, heldout)
+    meta = _meta(cfg, cache, train, heldout, heldout_file(cfg, config_dir))
     meta["encoder"] = encoder_spec(cfg, len(cache.modalities)).to_dict()
     atomic_write_json(run / "run.json", meta)
 
