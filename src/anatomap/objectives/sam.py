@@ -230,19 +230,26 @@ class SAM(Objective):
 
     # -- helpers -------------------------------------------------------------------------
 
+    @staticmethod
+    def _anchors(map_a, map_o, aff_a, aff_o, count, gen):
+        """Up to ``count`` random voxels of map A that lie inside map B: their indices, world
+        positions (mm), unit embeddings in A, and positives sampled in B at the same points."""
+        world_a = geometry.world_grid(aff_a, tuple(map_a.shape[1:])).reshape(-1, 3)
+        in_o = geometry.world_to_voxel(aff_o, world_a)
+        overlap = geometry.inside(in_o, tuple(map_o.shape[1:])).nonzero().flatten()
+        if len(overlap) < 1:
+            return None
+        pick = overlap[torch.randperm(len(overlap), generator=gen)[:count]]
+        anchors = F.normalize(map_a.flatten(1).T[pick], dim=-1)
+        return pick, world_a[pick], anchors, sample_map(map_o, in_o[pick])
+
     def _fine_loss(self, fa, fo, ca, co, faff_a, faff_o, caff_a, caff_o, gen):
         c = self.config
-        sa, so = tuple(fa.shape[1:]), tuple(fo.shape[1:])
-        world_a = geometry.world_grid(faff_a, sa).reshape(-1, 3)
-        in_o = geometry.world_to_voxel(faff_o, world_a)
-        overlap = geometry.inside(in_o, so).nonzero().flatten()
-        if len(overlap) < 2:
+        found = self._anchors(fa, fo, faff_a, faff_o, c.fine_anchors, gen)
+        if found is None:
             return None
-        pick = overlap[torch.randperm(len(overlap), generator=gen)[: c.fine_anchors]]
-        anchor_w = world_a[pick]
-        anchors = F.normalize(fa.flatten(1).T[pick], dim=-1)
-        positives = sample_map(fo, in_o[pick])
-        cand_w = geometry.world_grid(faff_o, so).reshape(-1, 3)
+        _, anchor_w, anchors, positives = found
+        cand_w = geometry.world_grid(faff_o, tuple(fo.shape[1:])).reshape(-1, 3)
         sub = torch.randperm(len(cand_w), generator=gen)[: c.fine_candidates]
         cand, cand_w = fo.flatten(1).T[sub], cand_w[sub]  # [M, D], [M, 3]
         valid = outside_radius(anchor_w, cand_w, c.fine_ignore_mm)
@@ -256,18 +263,13 @@ class SAM(Objective):
 
     def _coarse_loss(self, ca, co, caff_a, caff_o, others, gen):
         c = self.config
-        sa, so = tuple(ca.shape[1:]), tuple(co.shape[1:])
-        world_a = geometry.world_grid(caff_a, sa).reshape(-1, 3)
-        in_o = geometry.world_to_voxel(caff_o, world_a)
-        overlap = geometry.inside(in_o, so).nonzero().flatten()
-        if len(overlap) < 1:
+        found = self._anchors(ca, co, caff_a, caff_o, c.coarse_anchors, gen)
+        if found is None:
             return None
-        pick = overlap[torch.randperm(len(overlap), generator=gen)[: c.coarse_anchors]]
-        anchors = ca.flatten(1).T[pick]
-        positives = sample_map(co, in_o[pick])
+        pick, anchor_w, anchors, positives = found
         cand = co.flatten(1).T
-        cand_w = geometry.world_grid(caff_o, so).reshape(-1, 3)
-        valid = outside_radius(world_a[pick], cand_w, c.coarse_ignore_mm)
+        cand_w = geometry.world_grid(caff_o, tuple(co.shape[1:])).reshape(-1, 3)
+        valid = outside_radius(anchor_w, cand_w, c.coarse_ignore_mm)
         if others and c.coarse_global_negatives > 0:
             pool = torch.cat([o.flatten(1).T for o in others])
             take = torch.randperm(len(pool), generator=gen)[: c.coarse_global_negatives]
