@@ -62,6 +62,7 @@ def main() -> None:
         tasks=["landmarks"],
         compare={"isimed (crop matching)": str(isimed)},
         max_points=args.max_points,
+        subjects_csv=str(split),  # its `partial` column marks partial-FOV subjects
         out=args.out / "eval",
     )
     lm = res.metrics["landmarks"]
@@ -77,8 +78,12 @@ def main() -> None:
         "",
         f"{lm['n_pairs']} ordered pairs of held-out demo subjects ({lm['n_partial_pairs']} with a "
         f"partial-FOV target), up to {args.max_points} landmarks per pair; machine: "
-        f"{platform.machine()}, 2 CPU cores. Training times: "
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+        f"{platform.machine()}, 2 CPU cores. "
+        + (
+            "Training times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+            if times
+            else f"Runs given: SAM {sam}, ISImed {isimed}"
+        )
         + ".",
         f"Command: `python benchmarks/sam_matching.py --out {args.out}`",
         "",
