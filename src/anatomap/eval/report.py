@@ -81,6 +81,8 @@ def write_report(
     """Write ``report.html``, ``metrics.json`` and each figure as PNG into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("figure_*.png"):  # a report with fewer figures leaves none behind
+        stale.unlink()
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
