@@ -1,6 +1,6 @@
 """Find a template point in other scans by coarse-to-fine embedding matching (SAM, Yan et al.
-2022, section III-C): the argmax of coarse similarity over the target, then the argmax of
-coarse + fine similarity among the fine voxels near it."""
+2022, section III-C): the best coarse-similarity voxels of the target (top 3), each refined by
+the argmax of coarse + fine similarity among the fine voxels near it; the best one wins."""
 
 from __future__ import annotations
 
