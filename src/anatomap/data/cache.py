@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anatomap.data.manifest import SubjectRecord, _stat_signature, load_landmarks, read_manifest
+from anatomap.data.manifest import SubjectRecord, load_landmarks, read_manifest, stat_signature
 from anatomap.data.preprocess import IntensityPreset, parse_presets, preprocess, preset_for
 from anatomap.data.volume import Volume
 from anatomap.errors import AnatomapError, VolumeError
@@ -179,7 +179,7 @@ def _record_fingerprint(record: SubjectRecord, spacing: Any, presets: dict, dtyp
     if record.landmarks:
         items.append(("landmarks", record.landmarks))
     for key, path in items:
-        h.update(f"{key}|{path}|{_stat_signature(path)}".encode())
+        h.update(f"{key}|{path}|{stat_signature(path)}".encode())
     h.update(json.dumps([spacing, presets, dtype, CACHE_VERSION], sort_keys=True).encode())
     return h.hexdigest()[:16]
 

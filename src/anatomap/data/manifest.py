@@ -683,7 +683,8 @@ def load_landmarks(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _stat_signature(path: str) -> list[Any]:
+def stat_signature(path: str) -> list[Any]:
+    """Size and modification time of a file, or of every file in a DICOM folder."""
     p = Path(path)
     try:
         if p.is_dir():  # DICOM folder: every file in it
@@ -705,12 +706,8 @@ def manifest_fingerprint(subjects: IndexResult | Sequence[SubjectRecord]) -> str
     for s in subs:
         for kind, recs in (("image", s.images), ("label", s.labels)):
             for name, r in recs.items():
-                items.append(
-                    [s.subject, kind, name, r.path, list(r.shape), _stat_signature(r.path)]
-                )
+                items.append([s.subject, kind, name, r.path, list(r.shape), stat_signature(r.path)])
         if s.landmarks:
-            items.append(
-                [s.subject, "landmarks", "", s.landmarks, [], _stat_signature(s.landmarks)]
-            )
+            items.append([s.subject, "landmarks", "", s.landmarks, [], stat_signature(s.landmarks)])
     items.sort(key=lambda x: json.dumps(x[:4]))
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()

@@ -10,7 +10,7 @@ DataLoader workers never share a random stream.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,7 +67,6 @@ class ViewSpec:
     max_tries: int = 50
     pad_value: float = 0.0
     intensity: IntensityAugment | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_views < 1:
