@@ -26,6 +26,8 @@ SMALL = {
         "coarse_global_negatives": 16,
     },
     "isimed": {"num_crops": 4, "crop_size": 16},
+    "simclr": {"crop_size": 16, "hidden_dim": 16, "proj_dim": 8},
+    "voco": {"crop_size": 16, "num_bases": 2, "num_random": 1, "hidden_dim": 16, "proj_dim": 8},
     "spatial_aware": {"num_views": 4, "crop_size": 16, "head_hidden": 16},
 }
 # Encoders whose input must be a multiple of 32 voxels.

@@ -275,3 +275,24 @@ def voxel_to_grid(ijk: Array, shape: Sequence[int]) -> Array:
         size_t = torch.as_tensor(size, dtype=v.dtype, device=v.device)
         return ((2.0 * v + 1.0) / size_t - 1.0).flip(-1)
     return ((2.0 * v + 1.0) / size - 1.0)[..., ::-1]
+
+
+def overlap_matrix(
+    affines_a: Array, shape_a: Sequence[int], affines_b: Array, shape_b: Sequence[int]
+) -> np.ndarray:
+    """Pairwise :func:`overlap_fraction`: ``[..., N, M]``, the fraction of each box of A
+    (``affines_a [..., N, 4, 4]``) that each box of B (``affines_b [..., M, 4, 4]``) covers."""
+
+    def bounds(affines: Array, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        a = np.asarray(affines.detach().cpu().numpy() if _is_torch(affines) else affines)
+        unit = np.asarray(box_corners(np.eye(4), shape))  # corners in voxel units
+        corners = apply_affine(a, np.broadcast_to(unit, (*a.shape[:-2], *unit.shape)))
+        return corners.min(-2), corners.max(-2)
+
+    lo_a, hi_a = bounds(affines_a, shape_a)
+    lo_b, hi_b = bounds(affines_b, shape_b)
+    hi = np.minimum(hi_a[..., :, None, :], hi_b[..., None, :, :])
+    lo = np.maximum(lo_a[..., :, None, :], lo_b[..., None, :, :])
+    inter = np.clip(hi - lo, 0.0, None).prod(-1)
+    vol_a = (hi_a - lo_a).prod(-1)[..., :, None]
+    return np.where(vol_a > 0, inter / np.where(vol_a > 0, vol_a, 1.0), 0.0)

@@ -26,6 +26,45 @@ class DemoResult:
     evaluation: EvalResult
 
 
+def prepare_demo(
+    out: Path,
+    *,
+    n_subjects: int = 16,
+    n_heldout: int = 4,
+    spacing: float = 2.0,
+    progress: bool = True,
+    log=print,
+    steps: int = 5,
+) -> tuple[Path, Path]:
+    """Demo scans, manifest and cache under ``out`` (reused when present).
+
+    Returns the cache folder and the ``subjects.csv`` that marks the held-out subjects.
+    """
+    data_dir = out / "data"
+    log(f"[1/{steps}] demo scans -> {data_dir}")
+    info = build_demo(
+        data_dir, n_subjects=n_subjects, n_heldout=n_heldout, spacing=spacing, progress=progress
+    )
+    log(f"      {len(info.subjects)} subjects ({len(info.heldout)} held out)")
+
+    log(f"[2/{steps}] index -> {out / 'manifest.jsonl'}")
+    indexed = index_directory(data_dir, progress=progress)
+    if indexed.problems:
+        for p in indexed.problems:
+            log(f"      rejected {p.path}: {p.reason}")
+    if not indexed.subjects:
+        raise AnatomapError(f"{data_dir}: no usable scans in the demo folder")
+    write_manifest(indexed, out / "manifest.jsonl")
+    log(f"      {len(indexed.subjects)} subjects indexed")
+
+    log(f"[3/{steps}] cache -> {out / 'cache'} (RAS+, {spacing} mm, MRI preset)")
+    cached = build_cache(
+        out / "manifest.jsonl", out / "cache", preset="mri", spacing=spacing, progress=progress
+    )
+    log(f"      built {cached.built}, reused {cached.reused}")
+    return out / "cache", data_dir / "subjects.csv"
+
+
 def run_demo(
     out: str | Path = "demo_out",
     *,
@@ -39,35 +78,20 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo end to end into ``out``; returns the report path and the metrics."""
     out = Path(out)
-    data_dir = out / "data"
-    log(f"[1/5] demo scans -> {data_dir}")
-    info = build_demo(
-        data_dir, n_subjects=n_subjects, n_heldout=n_heldout, spacing=spacing, progress=progress
+    cache_dir, subjects_csv = prepare_demo(
+        out,
+        n_subjects=n_subjects,
+        n_heldout=n_heldout,
+        spacing=spacing,
+        progress=progress,
+        log=log,
     )
-    log(f"      {len(info.subjects)} subjects ({len(info.heldout)} held out)")
-
-    log(f"[2/5] index -> {out / 'manifest.jsonl'}")
-    indexed = index_directory(data_dir, progress=progress)
-    if indexed.problems:
-        for p in indexed.problems:
-            log(f"      rejected {p.path}: {p.reason}")
-    if not indexed.subjects:
-        raise AnatomapError(f"{data_dir}: no usable scans in the demo folder")
-    write_manifest(indexed, out / "manifest.jsonl")
-    log(f"      {len(indexed.subjects)} subjects indexed")
-
-    log(f"[3/5] cache -> {out / 'cache'} (RAS+, {spacing} mm, MRI preset)")
-    cached = build_cache(
-        out / "manifest.jsonl", out / "cache", preset="mri", spacing=spacing, progress=progress
-    )
-    log(f"      built {cached.built}, reused {cached.reused}")
-
     run_dir = out / "runs" / "isimed"
     cfg = load_config(
         config,
         [
-            f"data.cache={out / 'cache'}",
-            f"data.heldout_file={data_dir / 'subjects.csv'}",
+            f"data.cache={cache_dir}",
+            f"data.heldout_file={subjects_csv}",
             f"output={run_dir}",
             f"trainer.progress={'true' if progress else 'false'}",
             *(overrides or []),

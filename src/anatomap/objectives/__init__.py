@@ -3,7 +3,9 @@
 from anatomap.objectives import (
     isimed,  # noqa: F401  (registers "isimed")
     sam,  # noqa: F401  (registers "sam")
+    simclr,  # noqa: F401  (baseline)
     spatial_aware,  # noqa: F401
+    voco,  # noqa: F401  (baseline)
 )
 from anatomap.objectives.base import Objective, ObjectiveParams
 from anatomap.objectives.registry import (
