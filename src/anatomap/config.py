@@ -155,9 +155,11 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: cannot read config ({exc})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

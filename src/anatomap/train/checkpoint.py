@@ -5,32 +5,48 @@ A checkpoint is a folder::
     model.safetensors   tensors named encoder.* (the encoder) and objective.* (heads)
     meta.json           format, code version, objective name + config, encoder spec,
                         resolved run config, data provenance (cache, fingerprint,
-                        preprocessing), step, creation time
+                        preprocessing), step, creation time, SHA-256 of model.safetensors
 
 Nothing here unpickles anything: weights come from safetensors, metadata from JSON. The
-folder is written under a temporary name and renamed into place, so a reader never sees a
-half-written checkpoint and the previous one survives a failed write.
+folder is written under a temporary name (files fsynced) and renamed into place, so a reader
+never sees a half-written checkpoint and the previous one survives a failed write (disk
+full, kill -9). A kill between the two renames of the swap leaves the previous checkpoint as
+``.<name>.old``; readers fall back to it and the next save puts it back.
+
+Lightning's full resume file (``RUN/lightning/last.ckpt``) goes through
+:class:`SafeCheckpointIO`: written atomically the same way, and read only with
+``torch.load(weights_only=True)`` and only if it carries anatomap's resume marker.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from anatomap.errors import CheckpointError
 from anatomap.models.encoders import Encoder, EncoderSpec, build_encoder
 
 FORMAT = "anatomap-checkpoint"
 FORMAT_VERSION = 1
+RESUME_FORMAT = "anatomap-resume-1"
+"""Marker stored in every Lightning resume file anatomap writes (``checkpoint["anatomap"]``)."""
 
 
 def code_version() -> str:
@@ -54,18 +70,88 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def write_synced(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` and flush it to disk (no rename: callers do that)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_file(path: str | Path, data: bytes | memoryview, what: str = "file") -> None:
+    """Write ``path`` through a synced temporary file in the same folder and a rename.
+
+    Any failure (e.g. disk full) removes the temporary file, leaves the previous ``path``
+    untouched and raises :class:`CheckpointError` naming the file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
+            if stale != tmp:
+                stale.unlink(missing_ok=True)
+        write_synced(tmp, data)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"{path}: could not write {what} ({_reason(exc)}); the previous one is intact"
+        ) from None
+
+
+def _old(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "meta.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _recover(folder: Path) -> None:
+    """Undo what an interrupted save left: put a previous checkpoint back, drop temp folders."""
+    old = _old(folder)
+    if not folder.exists() and _complete(old):
+        os.replace(old, folder)
+    for stale in folder.parent.glob(f".{folder.name}.tmp*"):
+        if stale.name != f".{folder.name}.tmp{os.getpid()}":
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_checkpoint(
     folder: str | Path,
     encoder: Encoder,
     objective: torch.nn.Module | None,
     meta: dict[str, Any],
 ) -> Path:
-    """Write ``folder`` atomically (temp folder + rename; the old one is removed last)."""
+    """Write ``folder`` atomically (synced temp folder + rename; the old one is removed last).
+
+    Raises :class:`CheckpointError` if it cannot be written (the previous one is kept).
+    """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     tensors = {f"encoder.{k}": v for k, v in _contiguous(encoder.state_dict()).items()}
     if objective is not None:
         tensors.update(
@@ -81,17 +167,74 @@ def save_checkpoint(
         **meta,
     }
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2))
-        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _recover(folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        data = save_safetensors(tensors, metadata={"format": FORMAT})
+        full_meta["weights_sha256"] = hashlib.sha256(data).hexdigest()
+        write_synced(tmp / "model.safetensors", data)
+        write_synced(tmp / "meta.json", json.dumps(full_meta, indent=2).encode())
+        _fsync_dir(tmp)
+        old = _old(folder)
+        shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{folder}: could not write checkpoint ({exc})") from None
+        if not folder.exists() and _complete(_old(folder)):
+            os.replace(_old(folder), folder)
+        raise CheckpointError(
+            f"{folder}: could not write checkpoint ({_reason(exc)}); "
+            "the previous checkpoint is intact"
+        ) from None
     return folder
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O for the resume file: atomic writes (synced temp file +
+    rename, :class:`CheckpointError` on failure, previous file intact) and reads with
+    ``torch.load(weights_only=True)`` of files that carry :data:`RESUME_FORMAT` only."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        atomic_write_file(path, buf.getbuffer(), "resume file")
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | str | None = "cpu",
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        return load_resume_file(path, map_location)
+
+
+def load_resume_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A resume file anatomap wrote, unpickled with ``weights_only=True`` (tensors, numbers,
+    strings and containers only: no object is constructed, no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: resume file not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{path}: refused to load: not a plain tensor file (weights_only load failed: "
+            f"{first[:160]})"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable resume file ({_reason(exc)})") from None
+    marker = ckpt.get("anatomap") if isinstance(ckpt, dict) else None
+    if not isinstance(marker, dict) or marker.get("format") != RESUME_FORMAT:
+        raise CheckpointError(f"{path}: not a resume file written by anatomap")
+    return ckpt
 
 
 @dataclass
@@ -103,39 +246,66 @@ class LoadedCheckpoint:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder, its ``meta.json``, or a run folder (``RUN/checkpoint``)."""
+    """Accept a checkpoint folder, its ``meta.json``, or a run folder (``RUN/checkpoint``).
+
+    If a save was killed between its two renames, the previous checkpoint (``.<name>.old``
+    beside the folder) is used.
+    """
     p = Path(path)
     if p.is_file() and p.name in ("meta.json", "model.safetensors"):
         p = p.parent
-    if (p / "checkpoint" / "meta.json").is_file():
-        p = p / "checkpoint"
-    if not (p / "meta.json").is_file() or not (p / "model.safetensors").is_file():
-        raise CheckpointError(
-            f"{path}: not an anatomap checkpoint (expected meta.json and model.safetensors, "
-            "or a run folder containing checkpoint/)"
-        )
-    return p
+    for candidate in (p / "checkpoint", p):
+        for c in (candidate, _old(candidate)):
+            if _complete(c):
+                return c
+    raise CheckpointError(
+        f"{path}: not an anatomap checkpoint (expected meta.json and model.safetensors, "
+        "or a run folder containing checkpoint/)"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedCheckpoint:
     """Rebuild the encoder from the metadata and load its weights (strict: every key)."""
     folder = resolve_checkpoint(path)
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads((folder / "meta.json").read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise CheckpointError(f"{folder / 'meta.json'}: not valid JSON ({exc})") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder}: meta.json is not an anatomap checkpoint")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    try:
+        version = int(meta.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{folder}: meta.json has a malformed format_version") from None
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{folder}: checkpoint format {meta.get('format_version')} is newer than this "
             f"anatomap reads ({FORMAT_VERSION}); upgrade anatomap"
         )
+    weights = folder / "model.safetensors"
     try:
-        tensors = load_file(str(folder / "model.safetensors"), device=map_location)
+        data = weights.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{weights}: unreadable ({_reason(exc)})") from None
+    expected = meta.get("weights_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(
+            f"{weights}: does not match the SHA-256 in meta.json (damaged or replaced file)"
+        )
+    try:
+        tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({exc})") from None
-    encoder = build_encoder(EncoderSpec.from_dict(meta["encoder"]))
+        raise CheckpointError(f"{weights}: unreadable ({str(exc)[:160]})") from None
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    try:
+        encoder = build_encoder(EncoderSpec.from_dict(meta["encoder"]))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a malformed spec: missing keys, wrong types, unknown encoder
+        raise CheckpointError(
+            f"{folder / 'meta.json'}: cannot rebuild the encoder ({type(exc).__name__}: "
+            f"{str(exc)[:160]})"
+        ) from None
     enc_state = {k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")}
     try:
         result = encoder.load_state_dict(enc_state, strict=False)

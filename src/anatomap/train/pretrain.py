@@ -24,7 +24,12 @@ from anatomap.config import RunConfig, dump_config
 from anatomap.data.cache import Cache, atomic_write_json
 from anatomap.errors import AnatomapError
 from anatomap.objectives.registry import objective_config
-from anatomap.train.checkpoint import save_checkpoint
+from anatomap.train.checkpoint import (
+    SafeCheckpointIO,
+    atomic_write_file,
+    load_resume_file,
+    save_checkpoint,
+)
 from anatomap.train.module import (
     PretrainModule,
     ViewDataModule,
@@ -121,13 +126,15 @@ def pretrain(
     last = run / "lightning" / "last.ckpt"
     if resume and not last.is_file():
         raise AnatomapError(f"{run}: nothing to resume (no lightning/last.ckpt)")
+    if resume:
+        load_resume_file(last)  # refuses anything but a resume file anatomap wrote, early
     if not resume and (run / "checkpoint").exists() and not overwrite:
         raise AnatomapError(
             f"{run}: run folder already holds a checkpoint; pass --resume to continue it, "
             "--overwrite to start again, or choose another output="
         )
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(dump_config(cfg))
+    atomic_write_file(run / "config.yaml", dump_config(cfg).encode(), "config")
 
     cache = Cache(cfg.data.cache)
     heldout = heldout_subjects(cfg, config_dir)
@@ -168,8 +175,11 @@ def pretrain(
         ],
         num_sanity_val_steps=0,
         deterministic=False,
+        # EpochSampler shards the indices itself, so its resume position survives DDP
+        use_distributed_sampler=False,
+        plugins=[SafeCheckpointIO()],
     )
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.is_global_zero:
         atomic_write_json(
             run / "ranks.json",

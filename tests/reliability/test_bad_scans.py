@@ -1,4 +1,4 @@
-"""Every kind of bad scan is reported as a Problem naming the file; good files are still indexed."""
+"""Bad scans: each is reported as a Problem naming the file; good files are still indexed."""
 
 from __future__ import annotations
 
