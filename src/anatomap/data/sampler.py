@@ -9,13 +9,16 @@ DataLoader workers never share a random stream.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from anatomap import geometry
 from anatomap.data.cache import Cache, CachedSubject
@@ -78,17 +81,41 @@ class ViewSpec:
             raise ConfigError(f"ViewSpec.scale must satisfy 0 < low <= high, got {self.scale}")
 
 
-def _read_box(image: np.ndarray, start: np.ndarray, shape: np.ndarray, pad: float) -> np.ndarray:
-    """Copy ``image[:, start:start+shape]`` (3-D spatial), padding outside the volume."""
-    vol_shape = np.asarray(image.shape[1:])
-    lo = np.maximum(start, 0)
-    hi = np.minimum(start + shape, vol_shape)
-    out = np.full((image.shape[0], *shape), pad, dtype=np.float32)
-    if np.all(hi > lo):
+def _copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` with torch's vectorised casts (float16 -> float32 is ~20x faster than
+    NumPy's). ``src`` may be a read-only memory map: torch only reads it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "array is not writable": read only
+            source = torch.from_numpy(src)
+        torch.from_numpy(dst).copy_(source)
+    except TypeError:  # a dtype torch lacks (e.g. big-endian): NumPy's cast
+        np.copyto(dst, src, casting="unsafe")
+
+
+def _read_box(
+    image: np.ndarray,
+    start: np.ndarray,
+    shape: np.ndarray,
+    pad: float,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Copy ``image[:, start:start+shape]`` (3-D spatial) into ``out`` (float32, allocated if
+    ``None``), padding outside the volume."""
+    s = [int(v) for v in start]
+    n = [int(v) for v in shape]
+    lo = [max(a, 0) for a in s]
+    hi = [min(a + b, int(m)) for a, b, m in zip(s, n, image.shape[1:], strict=True)]
+    if out is None:
+        out = np.empty((image.shape[0], *n), dtype=np.float32)
+    inside = lo == s and all(h == a + b for h, a, b in zip(hi, s, n, strict=True))
+    if not inside:
+        out.fill(pad)
+    if all(h > lo_ for h, lo_ in zip(hi, lo, strict=True)):
         src = image[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        d0 = lo - start
-        d1 = d0 + (hi - lo)
-        out[:, d0[0] : d1[0], d0[1] : d1[1], d0[2] : d1[2]] = src
+        d0 = [a - b for a, b in zip(lo, s, strict=True)]
+        d1 = [a + h - b for a, h, b in zip(d0, hi, lo, strict=True)]
+        _copy_into(out[:, d0[0] : d1[0], d0[1] : d1[1], d0[2] : d1[2]], src)
     return out
 
 
@@ -103,6 +130,30 @@ def _draw_centre(subject: CachedSubject, spec: ViewSpec, rng: np.random.Generato
     return rng.uniform(0, np.asarray(subject.shape, np.float64) - 1)
 
 
+def _cut(
+    image: np.ndarray,
+    affine: np.ndarray,
+    centre: np.ndarray,
+    src_shape: np.ndarray,
+    out_shape: np.ndarray,
+    pad: float,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cut_view` on an image and its affine; writes into ``out`` when given."""
+    start = np.round(centre - (src_shape - 1) / 2.0).astype(int)
+    resize = bool(np.any(src_shape != out_shape))
+    box = _read_box(image, start, src_shape, pad, None if resize else out)
+    box_affine = geometry.crop_affine(affine, start)
+    if resize:
+        t = torch.from_numpy(box)[None]
+        box = F.interpolate(t, size=tuple(int(s) for s in out_shape), mode="trilinear")[0].numpy()
+        box_affine = geometry.resized_affine(box_affine, src_shape, out_shape)
+        if out is not None:
+            out[...] = box
+            box = out
+    return box, box_affine
+
+
 def cut_view(
     subject: CachedSubject,
     centre: np.ndarray,
@@ -114,22 +165,21 @@ def cut_view(
 
     Returns the view ``[C, *out_shape]`` and its affine (voxel -> world mm).
     """
-    start = np.round(centre - (src_shape - 1) / 2.0).astype(int)
-    box = _read_box(subject.image, start, src_shape, pad)
-    affine = geometry.crop_affine(subject.affine, start)
-    if np.any(src_shape != out_shape):
-        t = torch.from_numpy(box)[None]
-        box = F.interpolate(t, size=tuple(int(s) for s in out_shape), mode="trilinear")[0].numpy()
-        affine = geometry.resized_affine(affine, src_shape, out_shape)
-    return box, affine
+    return _cut(subject.image, subject.affine, centre, src_shape, out_shape, pad)
 
 
 def sample_views(
     subject: CachedSubject, spec: ViewSpec, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Located views of one subject: images ``[V, C, *size]`` and affines ``[V, 4, 4]``."""
+    """Located views of one subject: images ``[V, C, *size]`` and affines ``[V, 4, 4]``.
+
+    Each view is copied once, straight from the memory map into the output array (no
+    per-view temporaries or final stack when it is not resampled or augmented).
+    """
     out_shape = _box_shape(spec)
-    images, affines = [], []
+    image, affine = subject.image, subject.affine
+    images = np.empty((spec.num_views, image.shape[0], *spec.size), np.float32)
+    affines = np.empty((spec.num_views, 4, 4), np.float64)
     first: tuple[np.ndarray, np.ndarray] | None = None
     constrained = spec.min_overlap is not None or spec.max_overlap is not None
     lo_ov = spec.min_overlap if spec.min_overlap is not None else 0.0
@@ -156,9 +206,9 @@ def sample_views(
             start0 = np.round(first[0] - (first[1] - 1) / 2.0)
             start = np.round(centre - (src_shape - 1) / 2.0)
             ov = geometry.overlap_fraction(
-                geometry.crop_affine(subject.affine, start0),
+                geometry.crop_affine(affine, start0),
                 first[1],
-                geometry.crop_affine(subject.affine, start),
+                geometry.crop_affine(affine, start),
                 src_shape,
             )
             miss = max(lo_ov - ov, ov - hi_ov, 0.0)
@@ -170,14 +220,13 @@ def sample_views(
         centre, src_shape = best[0], best[1]
         if first is None:
             first = (centre, src_shape)
-        img, aff = cut_view(subject, centre, src_shape, out_shape, spec.pad_value)
-        if spec.intensity is not None:
-            img = spec.intensity.apply(img, rng)
-        if len(spec.size) == 2:
-            img = img[..., 0]
-        images.append(img)
-        affines.append(aff)
-    return np.stack(images), np.stack(affines)
+        dst = images[v] if len(spec.size) == 3 else images[v][..., None]
+        if spec.intensity is None:
+            _, affines[v] = _cut(image, affine, centre, src_shape, out_shape, spec.pad_value, dst)
+        else:
+            img, affines[v] = _cut(image, affine, centre, src_shape, out_shape, spec.pad_value)
+            dst[...] = spec.intensity.apply(img, rng)
+    return images, affines
 
 
 class LocatedViewDataset(Dataset):
@@ -230,20 +279,129 @@ class LocatedViewDataset(Dataset):
         }
 
 
-class EpochSampler(Sampler[int]):
-    """Yields ``epoch * n + i`` for ``i`` in ``range(n)``; Lightning calls ``set_epoch``
-    (also through its DDP wrapper, which then shards these indices across ranks)."""
+_RECEIVED: dict[int, dict[int, torch.Tensor]] = {}
+"""Ring buffers received in this (main) process, per worker pid, kept alive so that torch maps
+each one once; dropped when their worker has exited."""
 
-    def __init__(self, n: int) -> None:
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unpack_ring_batch(
+    batch: dict[str, Any], ring: dict[str, torch.Tensor], pid: int
+) -> dict[str, Any]:
+    """Runs in the process that receives a batch: private copies of the ring's tensors."""
+    for other in [p for p in _RECEIVED if p != pid and not _alive(p)]:
+        del _RECEIVED[other]
+    kept = _RECEIVED.setdefault(pid, {})
+    for key, buf in ring.items():
+        kept[buf.untyped_storage().data_ptr()] = buf
+        batch[key] = buf.clone()
+    return batch
+
+
+class _RingBatch:
+    def __init__(self, batch: dict[str, Any], ring: dict[str, torch.Tensor]) -> None:
+        self.batch, self.ring = batch, ring
+
+    def __reduce__(self) -> tuple:
+        return _unpack_ring_batch, (self.batch, self.ring, os.getpid())
+
+
+class SharedRingCollate:
+    """``collate_fn`` that sends worker batches through reused shared-memory buffers.
+
+    PyTorch's default collate gives every batch of a worker process a fresh shared-memory
+    block, and both processes then fault in every page of it: for 8 MB batches that costs
+    more than cutting the crops (``benchmarks/crop_throughput.py``). Here each worker stacks
+    its batch's tensors into one of a few buffers that it reuses; torch maps each buffer once
+    in the main process, which copies the batch out as it receives it (so a batch stays valid
+    however long it is kept). A buffer is reused after ``prefetch_factor * num_workers + 2``
+    batches of its worker, more than the DataLoader ever leaves unreceived (it keeps at most
+    ``prefetch_factor * num_workers`` tasks outstanding): pass the loader's
+    ``prefetch_factor``. In the main process (``num_workers=0``) this is ``default_collate``.
+    """
+
+    def __init__(self, prefetch_factor: int = 2) -> None:
+        self.prefetch_factor = prefetch_factor
+        self._next = 0
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, samples: list[dict[str, Any]]) -> Any:
+        info = get_worker_info()
+        if info is None or not isinstance(samples[0], dict):
+            return default_collate(samples)
+        slot = self._next
+        self._next = (slot + 1) % (self.prefetch_factor * info.num_workers + 2)
+        batch: dict[str, Any] = {}
+        ring: dict[str, torch.Tensor] = {}
+        for key in samples[0]:
+            values = [s[key] for s in samples]
+            if not isinstance(values[0], torch.Tensor):
+                batch[key] = default_collate(values)
+                continue
+            shape = (len(values), *values[0].shape)
+            buf = self._buffers.get((key, slot))
+            if buf is None or buf.shape != shape or buf.dtype != values[0].dtype:
+                buf = torch.empty(shape, dtype=values[0].dtype).share_memory_()
+                self._buffers[(key, slot)] = buf
+            torch.stack(values, out=buf)
+            ring[key] = buf
+        return _RingBatch(batch, ring)
+
+
+class EpochSampler(Sampler[int]):
+    """Yields this rank's share of ``epoch * n + i`` for ``i`` in ``range(n)``.
+
+    Lightning calls ``set_epoch``. With ``world_size > 1`` the epoch's indices are sharded as
+    ``torch.utils.data.DistributedSampler(shuffle=False)`` does (padded by wrapping around,
+    then every ``world_size``-th from ``rank``), so the trainer runs with
+    ``use_distributed_sampler=False``. :meth:`resume` makes the next iteration of ``epoch``
+    start after the ``position`` indices already consumed: a run killed mid-epoch replays
+    exactly the samples an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
         self.n = n
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, epoch: int, position: int) -> None:
+        """Start the next iteration at ``epoch`` after ``position`` of this rank's indices."""
+        self.epoch = epoch
+        self._resume = (epoch, position)
+
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)
+
+    def indices(self, epoch: int) -> list[int]:
+        """This rank's global indices of ``epoch``, in order."""
+        order = list(range(self.n))
+        total = len(self) * self.world_size
+        while len(order) < total:  # pad like DistributedSampler: wrap around
+            order += order[: total - len(order)]
+        base = epoch * self.n
+        return [base + i for i in order[self.rank : total : self.world_size]]
 
     def __iter__(self) -> Iterator[int]:
-        base = self.epoch * self.n
-        return iter(range(base, base + self.n))
+        idx = self.indices(self.epoch)
+        if self._resume is not None:
+            epoch, position = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                idx = idx[position:]
+        return iter(idx)
