@@ -288,3 +288,56 @@ def test_oriented_affine_codes() -> None:
         np.testing.assert_allclose(geometry.box_center(aff, (5, 6, 7)), (10.0, -5.0, 2.0))
     with pytest.raises(ValueError):
         phantoms.oriented_affine("RRS", (1, 1, 1), (0, 0, 0), (2, 2, 2))
+
+
+# ----------------------------------------------------------------------------- multi-modal
+
+
+def test_multimodal_demo(tmp_path: Path) -> None:
+    """Extra contrasts: co-registered with the T1w, their own intensities, some missing; the
+    T1w-only request keeps its files, and a T1w-only rebuild removes the contrasts."""
+    from anatomap.data.manifest import index_directory
+
+    kw = {**SMALL, "n_subjects": 5}
+    mm = demo.build_demo(tmp_path / "mm", seed=0, modalities=("T1w", "T2w", "FLAIR"), **kw)
+    assert mm.modalities == ("T1w", "T2w", "FLAIR")
+    assert demo.missing_modalities(3, mm.modalities) == ["T2w"]
+    assert demo.missing_modalities(4, mm.modalities) == ["FLAIR"]
+    assert {s: sorted(v) for s, v in mm.contrasts.items()} == {
+        "sub-000": ["FLAIR", "T2w"],
+        "sub-001": ["FLAIR", "T2w"],
+        "sub-002": ["FLAIR", "T2w"],
+        "sub-003": ["FLAIR"],
+        "sub-004": ["T2w"],
+    }
+    for s, paths in mm.contrasts.items():
+        t1 = nib.load(mm.images[s])
+        tissue = np.asarray(nib.load(mm.tissue[s]).dataobj)
+        for m, path in paths.items():
+            img = nib.load(path)
+            assert img.shape == t1.shape
+            np.testing.assert_array_equal(img.affine, t1.affine)  # co-registered by construction
+            a = img.get_fdata()
+            csf, gm, wm = (np.median(a[tissue == k]) for k in (1, 2, 3))
+            if m == "T2w":
+                assert csf > gm > wm  # fluid bright
+            else:
+                assert gm > csf and wm > csf  # fluid suppressed
+            assert np.median(a[tissue == 0]) < 0.3 * gm
+    # the T1w images are those of the T1w-only cohort (own random streams for the contrasts)
+    t1_only = demo.build_demo(tmp_path / "t1", seed=0, **kw)
+    for s in t1_only.subjects:
+        assert t1_only.images[s].read_bytes() == mm.images[s].read_bytes()
+    # the manifest groups the modalities per subject and records the missing ones
+    res = index_directory(mm.root)
+    assert not res.problems
+    missing = {r.subject: r.missing for r in res.subjects}
+    assert missing["sub-003"] == ["T2w"] and missing["sub-004"] == ["FLAIR"]
+    assert missing["sub-000"] == []
+    # rebuilding the folder as T1w-only deletes the contrasts
+    again = demo.build_demo(mm.root, seed=0, **kw)
+    assert again.rebuilt and sorted(p.name for p in (mm.root / "images").iterdir()) == [
+        f"sub-00{i}_T1w.nii.gz" for i in range(5)
+    ]
+    with pytest.raises(ValueError):
+        demo.build_demo(tmp_path / "bad", modalities=("T2w",), progress=False)

@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anatomap.data.manifest import SubjectRecord, load_landmarks, read_manifest, stat_signature
+from anatomap.data.manifest import (
+    SubjectRecord,
+    load_landmarks,
+    read_manifest,
+    stat_signature,
+    unsafe_subject_id,
+)
 from anatomap.data.preprocess import IntensityPreset, parse_presets, preprocess, preset_for
 from anatomap.data.volume import Volume
 from anatomap.errors import AnatomapError, VolumeError
@@ -94,7 +100,9 @@ class CachedSubject:
     @property
     def foreground(self) -> np.ndarray:
         if self._foreground is None:
-            self._foreground = np.load(self.root / "foreground.npy")
+            # Memory-mapped too: a loaded copy (600 KB per subject) per worker would grow
+            # with the data set (benchmarks/scaling.py).
+            self._foreground = np.load(self.root / "foreground.npy", mmap_mode="r")
         return self._foreground
 
     def label(self, name: str) -> np.ndarray:
@@ -151,6 +159,8 @@ class Cache:
         if subject not in self._entries:
             if subject not in self.info["subjects"]:
                 raise KeyError(f"subject '{subject}' is not in cache {self.root}")
+            if (why := unsafe_subject_id(subject)) is not None:
+                raise AnatomapError(f"{self.root / 'cache.json'}: {why}")
             folder = self.root / "subjects" / subject
             meta = json.loads((folder / "meta.json").read_text())
             self._entries[subject] = CachedSubject(folder, meta)
@@ -181,6 +191,8 @@ def _record_fingerprint(record: SubjectRecord, spacing: Any, presets: dict, dtyp
     for key, path in items:
         h.update(f"{key}|{path}|{stat_signature(path)}".encode())
     h.update(json.dumps([spacing, presets, dtype, CACHE_VERSION], sort_keys=True).encode())
+    if record.resampled:
+        h.update(json.dumps([record.reference, record.resampled], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -206,6 +218,25 @@ def _read_3d(
     return vol
 
 
+def _onto_grid(vol: Volume, affine: np.ndarray, shape: tuple[int, ...], label: bool) -> np.ndarray:
+    """``vol`` resampled onto the grid ``(affine, shape)`` (MONAI ``SpatialResample``;
+    trilinear, nearest for labels, zeros outside): a modality the manifest marked for
+    resampling onto the subject's reference grid."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    mt = MetaTensor(
+        torch.as_tensor(np.asarray(vol.array, np.float32)[None]),
+        affine=torch.as_tensor(vol.affine, dtype=torch.float64),
+    )
+    out = SpatialResample(mode="nearest" if label else "bilinear", padding_mode="zeros")(
+        mt, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=shape
+    )
+    arr = np.asarray(out.array[0])
+    return np.rint(arr).astype(vol.array.dtype) if label else arr.astype(np.float32)
+
+
 def _build_entry(
     record: SubjectRecord,
     folder: Path,
@@ -217,23 +248,28 @@ def _build_entry(
 ) -> None:
     ref_affine: np.ndarray | None = None
     ref_shape: tuple[int, ...] | None = None
-    channels: list[np.ndarray | None] = []
-    thresholds = []
-    for m in modalities:
+    channels: list[np.ndarray | None] = [None] * len(modalities)
+    thresholds = [np.inf] * len(modalities)
+    # the manifest's reference modality first: its grid is the subject's grid
+    for c in sorted(range(len(modalities)), key=lambda c: modalities[c] != record.reference):
+        m = modalities[c]
         rec = record.images.get(m)
         if rec is None:
-            channels.append(None)
-            thresholds.append(np.inf)
             continue
         preset = preset_for(presets, m)
         vol = preprocess(_read_3d(rec.path, m, record.subject, len(rec.shape)), spacing, preset)
         if ref_affine is None:
             ref_affine, ref_shape = vol.affine, vol.shape
         elif vol.shape != ref_shape or not np.allclose(vol.affine, ref_affine, atol=1e-3):
-            raise VolumeError(rec.path, "grid differs from the subject's first modality")
-        channels.append(vol.array)
-        thresholds.append(preset.foreground_threshold)
-    assert ref_shape is not None and ref_affine is not None
+            if m not in record.resampled:
+                raise VolumeError(rec.path, "grid differs from the subject's first modality")
+            vol.array = _onto_grid(vol, ref_affine, ref_shape, label=False)
+        channels[c] = vol.array
+        thresholds[c] = preset.foreground_threshold
+    if ref_shape is None or ref_affine is None:
+        raise VolumeError(
+            record.paths()[0], f"subject has none of the cache modalities {modalities}"
+        )
     image = np.zeros((len(modalities), *ref_shape), dtype=dtype)
     for c, arr in enumerate(channels):
         if arr is not None:
@@ -249,7 +285,9 @@ def _build_entry(
             label=True,
         )
         if lab.shape != ref_shape or not np.allclose(lab.affine, ref_affine, atol=1e-3):
-            raise VolumeError(rec.path, "label grid differs from the subject's image grid")
+            if f"label:{name}" not in record.resampled:
+                raise VolumeError(rec.path, "label grid differs from the subject's image grid")
+            lab.array = _onto_grid(lab, ref_affine, ref_shape, label=True)
         _atomic_save_npy(folder / f"label_{name}.npy", lab.array.astype(np.int32))
     landmarks = {}
     if record.landmarks:
@@ -265,7 +303,25 @@ def _build_entry(
         "sources": {m: r.path for m, r in record.images.items()},
         "fingerprint": fingerprint,
     }
+    if record.resampled:  # say which files were resampled onto the reference grid
+        meta["resampled"] = {"reference": record.reference, **record.resampled}
     atomic_write_json(folder / "meta.json", meta)
+
+
+def _entry_intact(folder: Path, meta: dict[str, Any]) -> bool:
+    """Every file ``meta.json`` promises is there, readable, with the promised shape."""
+    try:
+        image = np.load(folder / "image.npy", mmap_mode="r")
+        if tuple(image.shape) != (len(meta["modalities"]), *meta["shape"]):
+            return False
+        np.load(folder / "foreground.npy", mmap_mode="r")
+        for name in meta.get("labels", []):
+            lab = np.load(folder / f"label_{name}.npy", mmap_mode="r")
+            if tuple(lab.shape) != tuple(meta["shape"]):
+                return False
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        return False
+    return True
 
 
 def build_cache(
@@ -283,7 +339,11 @@ def build_cache(
     A subject that fails is reported in ``problems`` (file and reason) and left out; the
     others are cached. Entries already built from the same sources and settings are reused.
     """
-    records = read_manifest(manifest) if isinstance(manifest, str | Path) else list(manifest)
+    # a listed file that has gone is reported for its subject only (the others are cached)
+    if isinstance(manifest, str | Path):
+        records = read_manifest(manifest, check_files=False)
+    else:
+        records = list(manifest)
     presets = parse_presets(preset)
     out = Path(out)
     (out / "subjects").mkdir(parents=True, exist_ok=True)
@@ -294,6 +354,9 @@ def build_cache(
     done: list[str] = []
     built = reused = 0
     for record in tqdm(records, desc="cache", unit="subject", disable=not progress):
+        if (why := unsafe_subject_id(record.subject)) is not None:
+            problems.append({"subject": record.subject, "reason": why})  # never a path
+            continue
         folder = out / "subjects" / record.subject
         try:
             fp = _record_fingerprint(record, spacing, preset_dict, dtype)
@@ -303,7 +366,11 @@ def build_cache(
                     old = json.loads(meta_path.read_text())
                 except json.JSONDecodeError:
                     old = {}
-                if old.get("fingerprint") == fp and old.get("modalities") == modalities:
+                if (
+                    old.get("fingerprint") == fp
+                    and old.get("modalities") == modalities
+                    and _entry_intact(folder, old)  # else half-written or damaged: rebuild
+                ):
                     done.append(record.subject)
                     reused += 1
                     continue

