@@ -59,7 +59,7 @@ def test_table_marks_the_best_value_per_column() -> None:
     md = markdown_table(header, rows)
     assert "**0.900**" in md and "**1.000**" in md  # best Spearman (a), best MRE (affine)
     assert "**0.500**" not in md
-    assert len(header) == len(COLUMNS) + 3
+    assert len(header) == len(COLUMNS) + 4
 
 
 def test_benchmark_cli_end_to_end_and_resumable(tiny_cache: Path, tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_benchmark_cli_end_to_end_and_resumable(tiny_cache: Path, tmp_path: Path
     out = tmp_path / "bench"
     table = json.loads((out / "benchmark.json").read_text())
     assert [r[0] for r in table["rows"]][:3] == ["isimed", "simclr", "random init"]
-    assert all(isinstance(r[1], float) for r in table["rows"][:3])  # Spearman measured
+    assert all(isinstance(r[2], float) for r in table["rows"][:3])  # Spearman measured
     assert table["methods"]["isimed"]["train"]["steps"] == 2
     assert table["methods"]["isimed"]["train"]["peak_rss_mb"] > 0
     html = (out / "benchmark.html").read_text()

@@ -26,9 +26,29 @@ SMALL = {
         "coarse_global_negatives": 16,
     },
     "isimed": {"num_crops": 4, "crop_size": 16},
+    # Same-volume views from the standard sampler here (mining is tested in test_alice.py).
+    "alice": {
+        "crop_size": 16,
+        "cross_volume": False,
+        "out_dim": 32,
+        "head_hidden": 16,
+        "head_bottleneck": 8,
+        "cafa_dim": 16,
+    },
     "simclr": {"crop_size": 16, "hidden_dim": 16, "proj_dim": 8},
     "voco": {"crop_size": 16, "num_bases": 2, "num_random": 1, "hidden_dim": 16, "proj_dim": 8},
     "spatial_aware": {"num_views": 4, "crop_size": 16, "head_hidden": 16},
+    "topo": {
+        "crop_size": 16,
+        "embed_dim": 16,
+        "fpn_channels": 8,
+        "coarse_level": 1,
+        "anchors": 16,
+        "candidates": 128,
+        "coarse_anchors": 8,
+        "inter_start_step": 0,
+        "inter_threshold": -1.0,
+    },
 }
 # Encoders whose input must be a multiple of 32 voxels.
 MIN_SIZE = {"swinunetr": 32, "resnet": 32}

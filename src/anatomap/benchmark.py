@@ -48,6 +48,7 @@ class BenchData(_Strict):
     subjects: int = Field(default=16, ge=3)  # demo subjects
     demo_heldout: int = Field(default=4, ge=1)
     spacing: float = Field(default=2.0, gt=0)
+    modalities: list[str] = Field(default_factory=lambda: ["T1w"])  # demo contrasts to build
     num_workers: int = Field(default=2, ge=0)
     samples_per_epoch: int = Field(default=200, gt=0)
 
@@ -195,7 +196,9 @@ def train_child(config_yaml: Path, stats_json: Path, resume: bool) -> int:
         json.dumps(
             {
                 "wall_s": wall,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
+                "peak_rss_mb": peak_rss_mb(),
+                # Data workers are forked: their ru_maxrss starts at the trainer's RSS at fork
+                # time (shared pages included), so this is an upper bound of their own use.
                 "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
                 "steps": steps,
                 "error": error,
@@ -203,6 +206,18 @@ def train_child(config_yaml: Path, stats_json: Path, resume: bool) -> int:
         )
     )
     return 1 if error else 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): ``VmHWM``, which starts afresh at ``exec``
+    (``ru_maxrss`` does not: it keeps the parent's peak across fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def train_method(run_cfg, log: Callable[[str], None] = print) -> RunStats:
@@ -263,7 +278,14 @@ def evaluate_method(
             log(f"      reusing evaluation {out}")
             return saved
     options = dict(cfg.evaluate.options)
-    res = evaluate(run, out=out, tasks=cfg.evaluate.tasks, registration=registration, **options)
+    res = evaluate(
+        run,
+        out=out,
+        tasks=cfg.evaluate.tasks,
+        all_tasks=True,
+        registration=registration,
+        **options,
+    )
     res.metrics["benchmark_registration"] = registration
     atomic_write_json(metrics_file, json.loads(json.dumps(res.metrics, default=str)))
     return res.metrics
@@ -292,6 +314,7 @@ def run_benchmark(
             n_subjects=cfg.data.subjects,
             n_heldout=cfg.data.demo_heldout,
             spacing=cfg.data.spacing,
+            modalities=tuple(cfg.data.modalities),
             progress=False,
             log=log,
             steps=3,
@@ -304,6 +327,7 @@ def run_benchmark(
         entry: dict[str, Any] = {"run": str(runs / method)}
         try:
             run_cfg = method_config(cfg, method, cache, heldout_file, runs)
+            entry["encoder"] = run_cfg.model.name
             stats = train_method(run_cfg, log)
             entry["train"] = stats.__dict__
             if stats.status != "done":

@@ -1,5 +1,5 @@
 """The ``anatomap`` command: data index | data cache | pretrain | evaluate | embed | match |
-demo | list.
+export | demo | list.
 
 Every sub-command calls the Python API (``anatomap.api``). Errors that anatomap raises on
 purpose are printed as one line (``anatomap: error: FILE: problem``) with exit code 2; a
@@ -24,6 +24,26 @@ def _print_position_table(metrics: dict) -> None:
         print(f"{name:<24} {m['spearman']:>9.3f} {m['r2']:>7.3f} {m['mean_error_mm']:>12.2f}")
 
 
+def _print_robustness_table(metrics: dict) -> None:
+    rob = metrics.get("robustness", {})
+    if not rob:
+        return
+    marks = rob.get("landmarks", {})
+    print(
+        f"\n{'encoder':<24} {'condition':<18} {'Spearman':>9} {'R^2':>7} {'err mm':>7} "
+        f"{'drop':>6} {'MRE mm':>7}"
+    )
+    for name, conds in rob["position"].items():
+        base = conds["all modalities"]["mean_error_mm"]
+        for cond, m in conds.items():
+            mre = marks.get(name, {}).get(cond, {}).get("mre_mm")
+            print(
+                f"{name:<24} {cond:<18} {m['spearman']:>9.3f} {m['r2']:>7.3f} "
+                f"{m['mean_error_mm']:>7.2f} {m['mean_error_mm'] - base:>+6.2f} "
+                f"{'-' if mre is None else format(mre, '.2f'):>7}"
+            )
+
+
 def _print_landmark_table(metrics: dict) -> None:
     rows = metrics.get("landmarks", {}).get("matchers", {})
     if not rows:
@@ -46,8 +66,18 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.dir is None and args.table is None:
         raise AnatomapError("data index needs a folder to scan or --table CSV")
     root = args.dir if args.dir is not None else args.table.parent
-    result = index_directory(root, table=args.table, expect_ndim=args.ndim, progress=not args.quiet)
+    result = index_directory(
+        root,
+        table=args.table,
+        expect_ndim=args.ndim,
+        progress=not args.quiet,
+        resample=args.resample,
+        reference=args.reference,
+    )
     write_manifest(result, args.out)
+    for s in result.subjects:
+        for what, why in s.resampled.items():
+            print(f"resampled onto {s.reference}: {s.subject} {what}: {why}", file=sys.stderr)
     for p in result.problems:
         print(f"rejected: {p.path}: {p.reason}", file=sys.stderr)
     print(
@@ -67,6 +97,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         dtype=args.dtype,
         progress=not args.quiet,
+        modalities=args.modalities.split(",") if args.modalities else None,
     )
     for p in res.problems:
         print(f"rejected: subject {p['subject']}: {p['reason']}", file=sys.stderr)
@@ -89,6 +120,34 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mine(args: argparse.Namespace) -> int:
+    from anatomap.api import config_path, load_config
+    from anatomap.data.cache import Cache
+    from anatomap.objectives.alice import Alice
+    from anatomap.objectives.registry import objective_config
+    from anatomap.train.module import heldout_subjects
+
+    path = config_path(args.config)
+    cfg = load_config(path, args.overrides)
+    if cfg.objective.name != "alice":
+        raise AnatomapError(
+            f"{path}: `anatomap mine` is for alice configs, not {cfg.objective.name}"
+        )
+    cache = Cache(cfg.data.cache)
+    held = set(heldout_subjects(cfg, path.parent))
+    train = [s for s in cache.subjects if s not in held]
+    mined = Alice.mined_pairs(objective_config(cfg.objective), cache, train, cfg.trainer.seed)
+    if mined is None:
+        print("same-volume views without a SAM checkpoint: nothing to mine")
+    else:
+        i = mined.info
+        print(
+            f"{len(mined)} pairs ({i['failed']} dropped, mean score {i['mean_score']:.3f}) "
+            f"in {mined.root}, mined with {i['sam_checkpoint']} ({i['sam_fingerprint']})"
+        )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anatomap.eval.evaluate import evaluate
 
@@ -105,12 +164,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cache=args.cache,
         subjects=subjects,
         tasks=args.tasks.split(",") if args.tasks else None,
+        all_tasks=args.all_tasks,
         crops_per_subject=args.crops,
         compare=compare,
         registration=not args.no_registration,
     )
     _print_position_table(res.metrics)
     _print_landmark_table(res.metrics)
+    _print_robustness_table(res.metrics)
     print(f"report: {res.report}")
     return 0
 
@@ -159,10 +220,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         overrides=args.overrides,
         progress=not args.quiet,
+        config=args.config,
+        modalities=tuple(args.modalities.split(",")),
+        evaluate_options={"registration": not args.no_registration},
     )
     print()
     _print_position_table(res.evaluation.metrics)
+    _print_robustness_table(res.evaluation.metrics)
     print(f"\nreport: {res.report}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from anatomap.benchmark import load_benchmark_config, run_benchmark
+
+    config, overrides = args.config, list(args.overrides)
+    if "=" in config:  # `anatomap benchmark key=value`: the packaged config with an override
+        config, overrides = "benchmark", [config, *overrides]
+    cfg = load_benchmark_config(config, overrides, quick=args.quick)
+    methods = args.methods.split(",") if args.methods else None
+    page = run_benchmark(cfg, methods=methods, out=args.out)
+    print((page.parent / "benchmark.md").read_text(encoding="utf-8"))
+    print(f"report: {page}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from anatomap.export import export_checkpoint
+
+    res = export_checkpoint(
+        args.checkpoint, args.to, args.out, out_channels=args.out_channels, size=args.size
+    )
+    print(f"{res.target}: {res.matched} encoder tensors -> {res.path} (settings: {res.sidecar})")
+    for key, why in res.not_exported.items():
+        print(f"not exported: {key}: {why}")
     return 0
 
 
@@ -199,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="manifest.jsonl to write")
     p.add_argument("--table", type=Path, help="CSV subject,modality,path[,kind] instead of names")
     p.add_argument("--ndim", type=int, default=3, choices=(2, 3), help="expected dimensionality")
+    p.add_argument(
+        "--resample",
+        action="store_true",
+        help="keep a subject's files on another grid; the cache resamples them onto the "
+        "reference modality's grid (default: reject them)",
+    )
+    p.add_argument("--reference", help="reference modality (default: first by name)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_index)
 
@@ -210,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spacing", type=float, default=1.5, help="target isotropic spacing (mm)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument(
+        "--modalities",
+        help="comma-separated channels of the cache, in order (default: every modality); "
+        "e.g. T1w for a single-modality recipe",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cache)
 
@@ -220,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start the run folder again")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser(
+        "mine", help="Alice: mine cross-volume view pairs with a SAM checkpoint ahead of training"
+    )
+    p.add_argument("config", help="alice YAML file or packaged config name")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (as for pretrain)")
+    p.set_defaults(func=cmd_mine)
+
     p = sub.add_parser("evaluate", help="evaluate a run folder or checkpoint; write report.html")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path)
@@ -227,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", help="comma-separated subjects (default: the run's held-out)")
     p.add_argument("--crops", type=int, default=48, help="crops per subject")
     p.add_argument("--tasks", help="comma-separated tasks (default: every task that applies)")
+    p.add_argument(
+        "--all-tasks", action="store_true", help="also the costly opt-in tasks (segmentation)"
+    )
     p.add_argument(
         "--compare", action="append", metavar="NAME=RUN", help="another checkpoint to compare"
     )
@@ -260,8 +373,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=4, help="of which held out for evaluation")
     p.add_argument("--spacing", type=float, default=2.0, help="demo and cache spacing (mm)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=50")
+    p.add_argument(
+        "--modalities",
+        default="T1w",
+        help="T1w plus synthetic contrasts, e.g. T1w,T2w,FLAIR (multi-modal demo; the cache "
+        "holds exactly these)",
+    )
+    p.add_argument("--config", default="demo", help="recipe to train (e.g. topo); runs/<name>")
+    p.add_argument("--no-registration", action="store_true", help="skip registration baselines")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "benchmark", help="train and evaluate every method with one budget; one table"
+    )
+    p.add_argument("config", nargs="?", default="benchmark", help="benchmark YAML or name")
+    p.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.max_steps=50"
+    )
+    p.add_argument("--quick", action="store_true", help="the CPU budget (the config's quick:)")
+    p.add_argument("--methods", help="comma-separated methods (default: every registered one)")
+    p.add_argument("--out", type=Path, help="output folder (default: the config's output)")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser(
+        "export", help="a checkpoint's encoder as a MONAI UNet/SwinUNETR or TorchScript file"
+    )
+    p.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    p.add_argument("--to", required=True, choices=("monai-unet", "swinunetr", "torchscript"))
+    p.add_argument("--out", type=Path, required=True, help="FILE (.safetensors or .pt)")
+    p.add_argument(
+        "--out-channels",
+        type=int,
+        help="network output channels (monai-unet: a multiple of num_groups, default "
+        "num_groups; swinunetr: default 2)",
+    )
+    p.add_argument("--size", type=int, help="torchscript: edge of the tracing input (voxels)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("list", help="registered objectives and encoders")
     p.set_defaults(func=cmd_list)

@@ -35,15 +35,23 @@ def prepare_demo(
     progress: bool = True,
     log=print,
     steps: int = 5,
+    modalities: tuple[str, ...] = ("T1w",),
 ) -> tuple[Path, Path]:
     """Demo scans, manifest and cache under ``out`` (reused when present).
 
+    ``modalities``: ``("T1w",)`` (the default demo) or T1w plus synthetic contrasts
+    (``T2w``, ``FLAIR``); the cache holds exactly these channels.
     Returns the cache folder and the ``subjects.csv`` that marks the held-out subjects.
     """
     data_dir = out / "data"
-    log(f"[1/{steps}] demo scans -> {data_dir}")
+    log(f"[1/{steps}] demo scans -> {data_dir} ({', '.join(modalities)})")
     info = build_demo(
-        data_dir, n_subjects=n_subjects, n_heldout=n_heldout, spacing=spacing, progress=progress
+        data_dir,
+        n_subjects=n_subjects,
+        n_heldout=n_heldout,
+        spacing=spacing,
+        progress=progress,
+        modalities=modalities,
     )
     log(f"      {len(info.subjects)} subjects ({len(info.heldout)} held out)")
 
@@ -59,7 +67,12 @@ def prepare_demo(
 
     log(f"[3/{steps}] cache -> {out / 'cache'} (RAS+, {spacing} mm, MRI preset)")
     cached = build_cache(
-        out / "manifest.jsonl", out / "cache", preset="mri", spacing=spacing, progress=progress
+        out / "manifest.jsonl",
+        out / "cache",
+        preset="mri",
+        spacing=spacing,
+        progress=progress,
+        modalities=list(modalities),
     )
     log(f"      built {cached.built}, reused {cached.reused}")
     return out / "cache", data_dir / "subjects.csv"
@@ -75,8 +88,15 @@ def run_demo(
     overrides: list[str] | None = None,
     progress: bool = True,
     log=print,
+    modalities: tuple[str, ...] = ("T1w",),
+    evaluate_options: dict | None = None,
 ) -> DemoResult:
-    """Run the demo end to end into ``out``; returns the report path and the metrics."""
+    """Run the demo end to end into ``out``; returns the report path and the metrics.
+
+    ``config`` names the recipe (``demo``: ISImed, run folder ``runs/isimed``; any other
+    name or YAML path trains into ``runs/<its stem>``). ``modalities`` as in
+    :func:`prepare_demo`; ``evaluate_options`` go to :func:`evaluate` (e.g. ``compare``).
+    """
     out = Path(out)
     cache_dir, subjects_csv = prepare_demo(
         out,
@@ -85,8 +105,9 @@ def run_demo(
         spacing=spacing,
         progress=progress,
         log=log,
+        modalities=tuple(modalities),
     )
-    run_dir = out / "runs" / "isimed"
+    run_dir = out / "runs" / ("isimed" if config == "demo" else Path(config).stem)
     cfg = load_config(
         config,
         [
@@ -97,9 +118,10 @@ def run_demo(
             *(overrides or []),
         ],
     )
-    log(f"[4/5] pretrain ISImed -> {run_dir} ({cfg.trainer.max_steps} steps)")
+    method = "ISImed" if cfg.objective.name == "isimed" else cfg.objective.name
+    log(f"[4/5] pretrain {method} -> {run_dir} ({cfg.trainer.max_steps} steps)")
     pretrain(cfg, overwrite=True)
 
     log(f"[5/5] evaluate -> {run_dir / 'eval'}")
-    result = evaluate(run_dir)
+    result = evaluate(run_dir, **(evaluate_options or {}))
     return DemoResult(out, result.report, result)

@@ -3,5 +3,9 @@
 from anatomap.eval import (  # noqa: F401  (each module registers its task)
     matchers,  # "landmarks"
     position,  # "position"
+    robustness,  # "robustness" (multi-modal caches)
     spatial,  # "spatial_aware"
 )
+
+# isort: split
+from anatomap.eval import health, region, segmentation  # noqa: F401  (downstream tasks)

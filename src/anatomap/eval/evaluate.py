@@ -52,13 +52,15 @@ def evaluate(
     cache: str | Path | None = None,
     subjects: list[str] | None = None,
     tasks: list[str] | None = None,
+    all_tasks: bool = False,
     crops_per_subject: int = 48,
     seed: int = 0,
     **options: Any,
 ) -> EvalResult:
     """Evaluate a run folder or checkpoint; writes ``report.html`` and ``metrics.json``.
 
-    ``tasks``: names of registered tasks (default: every task that applies).
+    ``tasks``: names of registered tasks (default: every default task that applies;
+    ``all_tasks``: the costly opt-in ones too, e.g. ``segmentation``).
     """
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.meta
@@ -78,7 +80,7 @@ def evaluate(
         seed,
         {"crops_per_subject": crops_per_subject, **options},
     )
-    chosen = [get_task(n) for n in (tasks or list_tasks())]
+    chosen = [get_task(n) for n in (tasks or list_tasks(default_only=not all_tasks))]
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt.path),
         "objective": meta["objective"],
@@ -90,7 +92,7 @@ def evaluate(
         if not task.applies(ctx):
             if tasks is None:
                 continue
-            if task.name != "landmarks":  # landmarks can be asked for on any checkpoint
+            if task.strict:  # e.g. spatial_aware needs its own heads; others may be forced
                 raise AnatomapError(
                     f"{ckpt.path}: task '{task.name}' does not apply to a "
                     f"'{meta['objective']}' checkpoint"

@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from anatomap import geometry
 from anatomap.data.cache import Cache
 from anatomap.data.sampler import ViewSpec, sample_views
+from anatomap.eval.figures import context_embedding_section
 from anatomap.eval.report import Section
 from anatomap.eval.tasks import EvalContext, TaskResult, register_task
 
@@ -202,4 +203,5 @@ def position_task(ctx: EvalContext) -> TaskResult:
         "crop_size": list(size),
         "encoders": {name: r.metrics() for name, r in results.items()},
     }
-    return TaskResult(metrics, [section])
+    maps = context_embedding_section(ctx)  # PCA-RGB and clicked-point similarity
+    return TaskResult(metrics, [section] if maps is None else [section, maps])

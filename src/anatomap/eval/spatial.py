@@ -205,7 +205,9 @@ def training_figure(
     return fig
 
 
-@register_task("spatial_aware", applies=lambda ctx: ctx.meta.get("objective") == "spatial_aware")
+@register_task(
+    "spatial_aware", applies=lambda ctx: ctx.meta.get("objective") == "spatial_aware", strict=True
+)
 def spatial_aware_task(ctx: EvalContext) -> TaskResult:
     """Gap matrices, absolute locations and the gap error over training (held-out views)."""
     num_views = int(ctx.options.get("spatial_views", 12))

@@ -88,25 +88,35 @@ class Task:
     name: str
     fn: TaskFn
     applies: Callable[[EvalContext], bool]
+    default: bool = True  # run when no tasks are named (False: costly tasks, asked for by name)
+    strict: bool = False  # True: never runs where ``applies`` is False, even when named
 
 
 _TASKS: dict[str, Task] = {}
 
 
 def register_task(
-    name: str, applies: Callable[[EvalContext], bool] | None = None
+    name: str,
+    applies: Callable[[EvalContext], bool] | None = None,
+    default: bool = True,
+    strict: bool = False,
 ) -> Callable[[TaskFn], TaskFn]:
+    """Register a task. ``applies`` picks the checkpoints it runs on by default; a task named
+    explicitly runs anyway unless ``strict``. ``default=False`` keeps a costly task out of the
+    default selection."""
+
     def wrap(fn: TaskFn) -> TaskFn:
-        _TASKS[name] = Task(name, fn, applies or (lambda ctx: True))
+        _TASKS[name] = Task(name, fn, applies or (lambda ctx: True), default, strict)
         return fn
 
     return wrap
 
 
-def list_tasks() -> list[str]:
+def list_tasks(default_only: bool = False) -> list[str]:
+    """Registered task names (``default_only``: those run when no tasks are named)."""
     import anatomap.eval  # noqa: F401  (registers the built-in tasks)
 
-    return list(_TASKS)
+    return [n for n, t in _TASKS.items() if t.default or not default_only]
 
 
 def get_task(name: str) -> Task:

@@ -9,11 +9,12 @@ they are checkpointed with it.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+from torch.utils.data import Dataset
 
 from anatomap.data.sampler import ViewSpec
 from anatomap.models.encoders import Encoder
@@ -42,6 +43,21 @@ class Objective(nn.Module):
     def forward(self, encoder: Encoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar, other scalars to log...}``."""
         raise NotImplementedError
+
+    @classmethod
+    def train_dataset(
+        cls,
+        config: ObjectiveParams,
+        cache: Any,
+        subjects: list[str],
+        spec: ViewSpec,
+        samples_per_epoch: int,
+        seed: int,
+    ) -> Dataset | None:
+        """The method's own training dataset (e.g. Alice's mined view pairs), built before
+        training from its validated ``config``; default ``None``: ``LocatedViewDataset``
+        with :meth:`view_spec`."""
+        return None
 
     def on_after_step(self, encoder: Encoder, step: int, max_steps: int) -> None:
         """Called after every optimiser step (e.g. to update an EMA teacher); default: nothing."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +17,76 @@ from torch.utils.data import DataLoader
 
 from anatomap.config import RunConfig
 from anatomap.data.cache import Cache
-from anatomap.data.sampler import EpochSampler, LocatedViewDataset
+from anatomap.data.sampler import EpochSampler, LocatedViewDataset, SharedRingCollate
 from anatomap.errors import AnatomapError
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective, objective_config
+from anatomap.train.checkpoint import RESUME_FORMAT
 
 
 class NonFiniteLossError(AnatomapError):
     """The loss became NaN or Inf; names the step and the batch's subjects."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) global generator states, as tensors, ints and
+    lists only, so a resume file loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler` whose place in the epoch is saved in
+    Lightning's resume file (Lightning's ``state_dict`` / ``load_state_dict`` protocol for
+    data loaders). ``steps_done()`` is the trainer's optimiser step count: one batch each."""
+
+    def __init__(self, *args: Any, steps_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._steps_done = steps_done
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = divmod(int(self._steps_done()), len(self))
+        return {
+            "epoch": epoch,
+            "batches": batches,
+            "batches_per_epoch": len(self),
+            "batch_size": int(self.batch_size or 1),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        if not isinstance(sampler, EpochSampler):
+            return
+        if state.get("batches_per_epoch") != len(self) or state.get("batch_size") != (
+            self.batch_size or 1
+        ):
+            warnings.warn(
+                "batch size or samples per epoch changed since the checkpoint: the resumed run "
+                "starts its epoch from the first sample",
+                stacklevel=2,
+            )
+            sampler.set_epoch(int(state.get("epoch", 0)))
+            return
+        sampler.resume(int(state["epoch"]), int(state["batches"]) * int(state["batch_size"]))
 
 
 def encoder_spec(cfg: RunConfig, in_channels: int) -> EncoderSpec:
@@ -72,8 +137,26 @@ class PretrainModule(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.objective.on_after_step(self.encoder, self.global_step, self.cfg.trainer.max_steps)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: checkpoint callbacks run before that hook, and the
+        # saved state must include this step's EMA update. ``global_step`` counts this step
+        # only once the hook returns.
+        self.objective.on_after_step(self.encoder, self.global_step + 1, self.cfg.trainer.max_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["anatomap"] = {"format": RESUME_FORMAT, "rng": rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_rng = checkpoint.get("anatomap", {}).get("rng")
+
+    def on_train_start(self) -> None:
+        # Restored as late as possible: nothing between here and the first resumed step
+        # draws from the global generators, as nothing does after a save in the original run.
+        state = getattr(self, "_restored_rng", None)
+        if state is not None:
+            set_rng_state(state)
+            self._restored_rng = None
 
     def configure_optimizers(self) -> Any:
         t = self.cfg.trainer
@@ -103,17 +186,36 @@ class ViewDataModule(L.LightningDataModule):
     def __init__(self, cfg: RunConfig, cache: Cache, subjects: list[str], spec: Any) -> None:
         super().__init__()
         self.cfg = cfg
-        self.dataset = LocatedViewDataset(
-            cache, subjects, spec, cfg.data.samples_per_epoch, seed=cfg.trainer.seed
+        # An objective may supply its own dataset (Alice: mined cross-volume view pairs).
+        own = get_objective(cfg.objective.name).train_dataset(
+            objective_config(cfg.objective),
+            cache,
+            subjects,
+            spec,
+            cfg.data.samples_per_epoch,
+            cfg.trainer.seed,
+        )
+        self.dataset = (
+            own
+            if own is not None
+            else LocatedViewDataset(
+                cache, subjects, spec, cfg.data.samples_per_epoch, seed=cfg.trainer.seed
+            )
         )
 
     def train_dataloader(self) -> DataLoader:
         workers = self.cfg.data.num_workers
-        return DataLoader(
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return ResumableLoader(
             self.dataset,
+            steps_done=lambda: trainer.global_step if trainer else 0,
+            # its own generator: creating the iterator draws no number from torch's global one
+            generator=torch.Generator().manual_seed(self.cfg.trainer.seed),
             batch_size=self.cfg.trainer.batch_size,
-            sampler=EpochSampler(len(self.dataset)),
+            sampler=EpochSampler(len(self.dataset), rank, world),
             num_workers=workers,
+            collate_fn=SharedRingCollate(),  # reused shared memory per worker (issue 8)
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=len(self.dataset) >= self.cfg.trainer.batch_size,
