@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import re
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import publish
 
 from anatomap import geometry
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective, objective_config
 from anatomap.objectives.spatial_aware import route_loss, route_set
-
-START, END = "<!-- route_loss:start -->", "<!-- route_loss:end -->"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def _batch(b: int, n: int, size: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -181,7 +177,6 @@ def main() -> None:
         + ([f"--threads {args.threads}"] if args.threads > 0 else [])
     )
     lines = [
-        START,
         "### Spatial-Aware: time per training step against the number of views N",
         "",
         f"{args.batch_size} volumes x N views of 32^3 voxels per step, small_cnn, default "
@@ -216,19 +211,8 @@ def main() -> None:
         "difference between the two step columns is machine noise, far above the route loss "
         "itself. Minimum times are the comparable figure on a shared machine; medians show "
         "its load.",
-        END,
     ]
-    block = "\n".join(lines)
-    print(block)
-    if args.write:
-        text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: block, text)
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-        DOC.write_text(text)
-        print(f"wrote {DOC}")
+    publish("route_loss", lines, args.write)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from anatomap import geometry
-from anatomap.data.sampler import IntensityAugment, ViewSpec
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
 from anatomap.objectives.registry import register_objective
-from anatomap.objectives.sam import DenseHeads, sample_map
+from anatomap.objectives.sam import SAM, DenseHeads, sample_map
 
 # ----------------------------------------------------------------------------- pure pieces
 
@@ -279,26 +278,10 @@ class Topo(Objective):
         )
         self.step = 0  # set by on_after_step; not part of the checkpoint
 
-    def view_spec(self) -> ViewSpec:
-        c = self.config
-        return ViewSpec(
-            num_views=2,
-            size=(c.crop_size,) * self.spatial_dims,
-            scale=c.scale,
-            foreground=True,
-            min_overlap=c.min_overlap,
-            max_tries=100,
-            intensity=IntensityAugment() if c.augment else None,
-        )
-
-    def dense(self, encoder: Encoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coarse and fine embedding maps ``[B, D, *s]`` (unit length along D)."""
-        return self.heads(encoder.pyramid(images))
-
-    def embed(self, encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
-        """Crop embedding (position readout): the mean coarse embedding of the crop."""
-        coarse, _ = self.dense(encoder, images)
-        return F.normalize(coarse.flatten(2).mean(-1), dim=-1)
+    # Same views, dense maps and crop embedding as SAM (the heads are SAM's DenseHeads).
+    view_spec = SAM.view_spec
+    dense = SAM.dense
+    embed = SAM.embed
 
     def on_after_step(self, encoder: Encoder, step: int, max_steps: int) -> None:
         self.step = step
