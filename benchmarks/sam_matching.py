@@ -19,8 +19,8 @@ from pathlib import Path
 
 from anatomap.api import load_config
 from anatomap.eval.evaluate import evaluate
-from anatomap.run_demo import run_demo
 from anatomap.train.pretrain import pretrain
+from anatomap.workflows.demo import run_demo
 
 START, END = "<!-- sam_matching:start -->", "<!-- sam_matching:end -->"
 

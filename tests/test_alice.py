@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anatomap.checkpoint import save_checkpoint
 from anatomap.data.cache import Cache
-from anatomap.data.mining import (
+from anatomap.errors import ConfigError
+from anatomap.infer.mining import (
     MINING_FILE,
     MinedPairDataset,
     MiningError,
@@ -20,7 +22,6 @@ from anatomap.data.mining import (
     load_or_mine,
     mine_pairs,
 )
-from anatomap.errors import ConfigError
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.alice import CAFA, Alice
 from anatomap.objectives.alice_losses import (
@@ -35,7 +36,6 @@ from anatomap.objectives.alice_losses import (
     updated_center,
 )
 from anatomap.objectives.registry import objective_config
-from anatomap.train.checkpoint import save_checkpoint
 
 SMALL = {
     "crop_size": 16,

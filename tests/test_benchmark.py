@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anatomap.bench_report import COLUMNS, build_table, markdown_table
-from anatomap.benchmark import BenchmarkConfig, load_benchmark_config, select_methods
 from anatomap.cli import main
 from anatomap.errors import ConfigError
+from anatomap.workflows.benchmark import BenchmarkConfig, load_benchmark_config, select_methods
+from anatomap.workflows.benchmark_table import COLUMNS, build_table, markdown_table
 
 
 def test_quick_block_is_merged_and_overrides_apply() -> None:

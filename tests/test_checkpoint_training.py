@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from anatomap.checkpoint import load_checkpoint, save_checkpoint
 from anatomap.config import load_config
 from anatomap.errors import CheckpointError
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives import isimed
 from anatomap.objectives.registry import _OBJECTIVES, register_objective
-from anatomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anatomap.train.module import NonFiniteLossError
 from anatomap.train.pretrain import pretrain
 

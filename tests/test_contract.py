@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from anatomap.checkpoint import load_checkpoint, save_checkpoint
 from anatomap.data.sampler import LocatedViewDataset
 from anatomap.models.encoders import EncoderSpec, build_encoder, list_encoders
 from anatomap.objectives.registry import get_objective, list_objectives, objective_config
-from anatomap.train.checkpoint import load_checkpoint, save_checkpoint
 
 # Small settings per objective so the contract runs in seconds on a CPU.
 SMALL = {

@@ -12,6 +12,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from anatomap import geometry
+from anatomap.checkpoint import load_checkpoint, load_objective, save_checkpoint
 from anatomap.data.cache import Cache
 from anatomap.errors import AnatomapError
 from anatomap.eval.evaluate import evaluate
@@ -26,10 +27,9 @@ from anatomap.eval.segmentation import (
     predict,
     upsample_logits,
 )
-from anatomap.eval.tasks import EvalContext, load_objective
+from anatomap.eval.tasks import EvalContext
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective, objective_config
-from anatomap.train.checkpoint import load_checkpoint, save_checkpoint
 
 HELDOUT = ["sub-04", "sub-05"]
 TRAIN = ["sub-00", "sub-01", "sub-02", "sub-03"]

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from anatomap.checkpoint import load_checkpoint, save_checkpoint
 from anatomap.cli import main
-from anatomap.export import (
+from anatomap.infer.export import (
     ExportError,
     export_checkpoint,
     load_export,
@@ -21,7 +22,6 @@ from anatomap.export import (
 )
 from anatomap.models.encoders import Encoder, EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective, objective_config
-from anatomap.train.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SAM_SMALL = {"name": "sam", "crop_size": 16, "fine_anchors": 8, "hard_pool": 8, "hard_keep": 4,

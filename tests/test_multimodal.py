@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from anatomap.checkpoint import load_checkpoint, save_checkpoint
 from anatomap.config import load_config
 from anatomap.data.cache import build_cache
 from anatomap.data.manifest import index_directory, read_manifest, write_manifest
@@ -21,7 +22,6 @@ from anatomap.models.encoders import (
     list_encoders,
     modality_presence,
 )
-from anatomap.train.checkpoint import load_checkpoint, save_checkpoint
 
 MIN_SIZE = {"swinunetr": 32, "resnet": 32}
 SMALL_OPTIONS = {
@@ -227,9 +227,10 @@ def test_robustness_task_with_compare(tiny_cache: Path, tmp_path: Path) -> None:
     # robustness applies by default to any checkpoint on a multi-modal cache, and only there
     from types import SimpleNamespace
 
+    from anatomap.checkpoint import load_objective
     from anatomap.data.cache import Cache
     from anatomap.eval.robustness import _applies
-    from anatomap.eval.tasks import EvalContext, load_objective
+    from anatomap.eval.tasks import EvalContext
 
     for run in (topo, isimed):
         ck = load_checkpoint(run)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from anatomap.checkpoint import save_checkpoint
 from anatomap.data.cache import Cache
 from anatomap.eval.evaluate import evaluate
 from anatomap.eval.figures import DenseSlice, cosine_map, pca_rgb, slice_features
 from anatomap.eval.report import Section, summary_from_table, summary_table, write_page
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective, objective_config
-from anatomap.train.checkpoint import save_checkpoint
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from anatomap import geometry
+from anatomap.geometry import sample_map
 from anatomap.infer.embed import DenseEmbedding, embed_array
 from anatomap.infer.match import match_points
-from anatomap.objectives.sam import info_nce, mine_hard_negatives, outside_radius, sample_map
+from anatomap.objectives.sam import info_nce, mine_hard_negatives, outside_radius
 
 
 def test_info_nce_perfect_embedding_reaches_its_minimum() -> None:

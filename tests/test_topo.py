@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from anatomap import geometry
-from anatomap.objectives.sam import sample_map
+from anatomap.geometry import sample_map
 from anatomap.objectives.topo import (
     cross_modal_targets,
     modality_subsets,

@@ -8,7 +8,7 @@ The public API (each a counterpart of a CLI command) is imported lazily so that
     anatomap.load_config / pretrain                     anatomap pretrain
     anatomap.evaluate                                   anatomap evaluate
     anatomap.embed / match                              anatomap embed / match
-    anatomap.run_demo                                   anatomap demo
+    anatomap.workflows.demo                                   anatomap demo
     anatomap.read_volume, load_checkpoint, build_encoder, LocatedViewDataset, ViewSpec
 """
 
@@ -27,9 +27,9 @@ _LAZY = {
     "load_config": "anatomap.api",
     "open_cache": "anatomap.api",
     "config_path": "anatomap.api",
-    "run_demo": "anatomap.run_demo",
-    "embed": "anatomap.infer.api",
-    "match": "anatomap.infer.api",
+    "run_demo": "anatomap.workflows.demo",
+    "embed": "anatomap.api",
+    "match": "anatomap.api",
     "write_manifest": "anatomap.data.manifest",
     "read_manifest": "anatomap.data.manifest",
     "read_volume": "anatomap.io",
@@ -41,7 +41,7 @@ _LAZY = {
     "sample_views": "anatomap.data.sampler",
     "build_encoder": "anatomap.models.encoders",
     "EncoderSpec": "anatomap.models.encoders",
-    "load_checkpoint": "anatomap.train.checkpoint",
+    "load_checkpoint": "anatomap.checkpoint",
     "build_demo": "anatomap.data.demo",
 }
 

@@ -7,20 +7,32 @@
 >>> cfg = am.load_config("isimed", ["data.cache=cache/", "output=runs/isimed"])
 >>> run = am.pretrain(cfg)                           # anatomap pretrain
 >>> am.evaluate(run.run_dir).metrics                 # anatomap evaluate
+>>> am.embed("runs/sam", ["a.nii.gz"], out="emb/")   # anatomap embed
+>>> am.match("runs/sam", "a.nii.gz", "points.csv", ["b.nii.gz"])   # anatomap match
 """
 
 from __future__ import annotations
 
+import csv
+import io as _io
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from anatomap import geometry
 from anatomap.config import RunConfig
 from anatomap.config import load_config as _load_config
 from anatomap.data.cache import Cache, CacheBuildResult, build_cache
 from anatomap.data.manifest import IndexResult, index_directory
-from anatomap.errors import ConfigError
+from anatomap.errors import AnatomapError, ConfigError
 from anatomap.eval.evaluate import EvalResult
 from anatomap.eval.evaluate import evaluate as _evaluate
+from anatomap.infer.embed import DenseEmbedding, DenseModel, embedding_name, load_or_embed
+from anatomap.infer.match import DEFAULT_LOW_SCORE, match_points, read_points
+from anatomap.io.atomic import atomic_write_json, atomic_write_text
 from anatomap.train.pretrain import PretrainResult
 from anatomap.train.pretrain import pretrain as _pretrain
 
@@ -76,3 +88,96 @@ def evaluate(run_or_checkpoint: str | Path, **kwargs) -> EvalResult:
 
 def open_cache(path: str | Path) -> Cache:
     return Cache(path)
+
+
+# -- inference: anatomap embed / anatomap match ------------------------------------------
+
+
+def _model(checkpoint: str | Path | DenseModel) -> DenseModel:
+    return (
+        checkpoint if isinstance(checkpoint, DenseModel) else DenseModel.from_checkpoint(checkpoint)
+    )
+
+
+def embed(
+    checkpoint: str | Path | DenseModel,
+    volumes: Sequence[str | Path],
+    out: str | Path | None = None,
+    **kwargs: Any,
+) -> list[DenseEmbedding]:
+    """Dense embeddings of scans; with ``out``, saved as ``<name>.emb.safetensors`` there."""
+    model = _model(checkpoint)
+    result = []
+    for path in volumes:
+        emb = load_or_embed(model, path, **kwargs)
+        if out is not None:
+            emb.save(Path(out) / embedding_name(path))
+        result.append(emb)
+    return result
+
+
+def _template_world(template: str | Path, emb: DenseEmbedding, coords: np.ndarray) -> np.ndarray:
+    """Voxel indices of the template *file* -> world mm (through that file's own affine)."""
+    from anatomap.io import read_volume
+
+    source = Path(emb.source) if emb.source else Path(template)
+    if source.exists() and not source.name.endswith(".emb.safetensors"):
+        affine = read_volume(source).affine
+    elif emb.image_affine is not None:
+        affine = emb.image_affine  # the preprocessed grid the embedding was made on
+    else:
+        raise AnatomapError(f"{template}: cannot convert voxel indices (no image affine)")
+    return geometry.voxel_to_world(affine, coords)
+
+
+def match(
+    checkpoint: str | Path | DenseModel,
+    template: str | Path,
+    points: str | Path | np.ndarray,
+    targets: Sequence[str | Path],
+    *,
+    voxel: bool = False,
+    names: Sequence[str] | None = None,
+    low_score: float = DEFAULT_LOW_SCORE,
+    out: str | Path | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Find each template point (world mm, or voxel indices with ``voxel=True``) in every
+    target. Scans or saved embeddings are accepted for template and targets. Returns one row
+    per (target, point); with ``out`` also writes ``out`` (CSV) and ``out`` + ``.json``."""
+    model = _model(checkpoint)
+    t_emb = load_or_embed(model, template, **kwargs)
+    if isinstance(points, str | Path):
+        names, coords = read_points(points, voxel=voxel)
+    else:
+        coords = np.asarray(points, np.float64).reshape(-1, 3)
+        names = list(names) if names is not None else [f"p{i}" for i in range(len(coords))]
+    world = _template_world(template, t_emb, coords) if voxel else coords
+    rows: list[dict[str, Any]] = []
+    for target in targets:
+        emb = load_or_embed(model, target, **kwargs)
+        res = match_points(t_emb, world, emb)
+        for n, name in enumerate(names):
+            rows.append(
+                {
+                    "target": str(target),
+                    "name": name,
+                    "template_x": round(float(world[n, 0]), 3),
+                    "template_y": round(float(world[n, 1]), 3),
+                    "template_z": round(float(world[n, 2]), 3),
+                    "x": round(float(res.points_mm[n, 0]), 3),
+                    "y": round(float(res.points_mm[n, 1]), 3),
+                    "z": round(float(res.points_mm[n, 2]), 3),
+                    "score": round(float(res.scores[n]), 4),
+                    "low_confidence": bool(res.scores[n] < low_score),
+                }
+            )
+    if out is not None:
+        out = Path(out)
+        buf = _io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out, buf.getvalue(), what="matches")
+        atomic_write_json(out.with_name(out.name + ".json"), rows, what="matches")
+    return rows

@@ -177,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from anatomap.infer.api import embed
+    from anatomap.api import embed
     from anatomap.infer.embed import embedding_name
 
     embed(args.checkpoint, args.volumes, args.out, window=args.window, overlap=args.overlap)
@@ -187,7 +187,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_match(args: argparse.Namespace) -> int:
-    from anatomap.infer.api import match
+    from anatomap.api import match
 
     rows = match(
         args.checkpoint,
@@ -211,7 +211,7 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from anatomap.run_demo import run_demo
+    from anatomap.workflows.demo import run_demo
 
     res = run_demo(
         args.out,
@@ -232,7 +232,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from anatomap.benchmark import load_benchmark_config, run_benchmark
+    from anatomap.workflows.benchmark import load_benchmark_config, run_benchmark
 
     config, overrides = args.config, list(args.overrides)
     if "=" in config:  # `anatomap benchmark key=value`: the packaged config with an override
@@ -246,7 +246,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from anatomap.export import export_checkpoint
+    from anatomap.infer.export import export_checkpoint
 
     res = export_checkpoint(
         args.checkpoint, args.to, args.out, out_channels=args.out_channels, size=args.size

@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from anatomap.checkpoint import load_checkpoint, save_checkpoint
 from anatomap.config import load_config
 from anatomap.errors import AnatomapError, CheckpointError
 from anatomap.models.encoders import EncoderSpec, build_encoder
-from anatomap.train import checkpoint as ckpt_mod
-from anatomap.train.checkpoint import (
-    SafeCheckpointIO,
-    load_checkpoint,
-    load_resume_file,
-    save_checkpoint,
-)
+from anatomap.train import resume as ckpt_mod
 from anatomap.train.pretrain import pretrain
+from anatomap.train.resume import SafeCheckpointIO, load_resume_file
 
 
 class _Boom:
@@ -47,7 +43,11 @@ def _disk_full_after(monkeypatch: pytest.MonkeyPatch, n_bytes: int) -> None:
             fh.write(bytes(data)[:n_bytes])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod, "write_synced", write)
+    import anatomap.checkpoint
+    import anatomap.io.atomic
+
+    monkeypatch.setattr(anatomap.checkpoint, "write_synced", write)
+    monkeypatch.setattr(anatomap.io.atomic, "write_synced", write)
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(
@@ -83,7 +83,7 @@ def test_disk_full_while_writing_the_resume_file(
 def test_disk_full_during_training_stops_cleanly_and_keeps_last_checkpoint(
     overrides: Callable[..., list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = ckpt_mod.write_synced
+    from anatomap.io.atomic import write_synced as real
     calls = {"n": 0}
 
     def write(path: Path, data: bytes | memoryview) -> None:
@@ -92,7 +92,11 @@ def test_disk_full_during_training_stops_cleanly_and_keeps_last_checkpoint(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(ckpt_mod, "write_synced", write)
+    import anatomap.checkpoint
+    import anatomap.io.atomic
+
+    monkeypatch.setattr(anatomap.checkpoint, "write_synced", write)
+    monkeypatch.setattr(anatomap.io.atomic, "write_synced", write)
     cfg = load_config(overrides=overrides(tmp_path / "run", 6))
     with pytest.raises(CheckpointError, match="no space left on device"):
         pretrain(cfg)
@@ -163,7 +167,7 @@ def test_malicious_resume_file_is_never_unpickled(
 
 def test_pickles_beside_a_checkpoint_are_ignored_by_every_loader(tmp_path: Path) -> None:
     """Pickles in the checkpoint folder (model.pt, *.ckpt, *.pkl) are never opened."""
-    from anatomap.objectives.registry import load_objective
+    from anatomap.checkpoint import load_objective
 
     marker = tmp_path / "executed"
     enc = encoder(0)

@@ -14,10 +14,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from anatomap.checkpoint import load_checkpoint
 from anatomap.config import RunConfig, load_config
 from anatomap.errors import CheckpointError, ConfigError, VolumeError
 from anatomap.io import read_volume
-from anatomap.train.checkpoint import load_checkpoint
 
 FUZZ = settings(
     max_examples=40,

@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset, DistributedSampler
 
+from anatomap.checkpoint import load_checkpoint
 from anatomap.config import dump_config, load_config
 from anatomap.data.sampler import EpochSampler
 from anatomap.train import pretrain as pretrain_mod
-from anatomap.train.checkpoint import load_checkpoint, load_resume_file
 from anatomap.train.module import ResumableLoader, rng_state, set_rng_state
 from anatomap.train.pretrain import pretrain
+from anatomap.train.resume import load_resume_file
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -16,11 +16,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from anatomap.checkpoint import load_checkpoint, load_objective
 from anatomap.data.cache import Cache
 from anatomap.errors import AnatomapError
 from anatomap.eval.report import Section, write_report
-from anatomap.eval.tasks import EvalContext, get_task, list_tasks, load_objective
-from anatomap.train.checkpoint import load_checkpoint
+from anatomap.eval.tasks import EvalContext, get_task, list_tasks
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from anatomap import geometry
+from anatomap.checkpoint import load_checkpoint, load_objective
 from anatomap.data.cache import CachedSubject
 from anatomap.data.sampler import cut_view
 from anatomap.errors import AnatomapError
@@ -28,8 +29,6 @@ from anatomap.infer.embed import DenseModel, embed_array
 from anatomap.infer.match import coarse_on_fine_grid, match_points
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import Objective
-from anatomap.objectives.registry import load_objective
-from anatomap.train.checkpoint import load_checkpoint
 
 
 class DenseMatcher:

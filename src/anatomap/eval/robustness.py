@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from anatomap.checkpoint import load_checkpoint, load_objective
 from anatomap.data.cache import CachedSubject
 from anatomap.errors import AnatomapError
 from anatomap.eval import landmarks as lm
@@ -28,8 +29,6 @@ from anatomap.eval.report import Section
 from anatomap.eval.tasks import EvalContext, TaskResult, register_task
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import Objective
-from anatomap.objectives.registry import load_objective
-from anatomap.train.checkpoint import load_checkpoint
 
 ALL = "all modalities"
 

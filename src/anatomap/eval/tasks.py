@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
+from anatomap.checkpoint import LoadedCheckpoint
 from anatomap.data.cache import Cache
 from anatomap.eval.report import Section
 from anatomap.models.encoders import Encoder, EncoderSpec, build_encoder
 from anatomap.objectives.base import Objective
-from anatomap.objectives.registry import load_objective  # noqa: F401  (re-exported)
-from anatomap.train.checkpoint import LoadedCheckpoint
 
 
 @dataclass

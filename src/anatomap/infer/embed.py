@@ -24,14 +24,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from anatomap import geometry
+from anatomap.checkpoint import LoadedCheckpoint, load_checkpoint, load_objective
 from anatomap.data.preprocess import IntensityPreset, preprocess
 from anatomap.data.volume import Volume
 from anatomap.errors import AnatomapError, CheckpointError
 from anatomap.io import read_volume
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import Objective
-from anatomap.objectives.registry import load_objective
-from anatomap.train.checkpoint import LoadedCheckpoint, load_checkpoint
 
 EMBEDDING_SUFFIX = ".emb.safetensors"
 

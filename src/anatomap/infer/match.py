@@ -13,8 +13,8 @@ import torch
 
 from anatomap import geometry
 from anatomap.errors import AnatomapError
+from anatomap.geometry import sample_map
 from anatomap.infer.embed import DenseEmbedding
-from anatomap.objectives.sam import sample_map
 
 DEFAULT_LOW_SCORE = 0.5
 

@@ -3,7 +3,7 @@ arXiv 2302.05615; the project's METHODS.md section 3).
 
 Two views showing the same anatomy in *different* volumes: a SAM checkpoint matches a
 foreground point of volume A into volume B (mined ahead of training and cached,
-:mod:`anatomap.data.mining`), and a crop is cut around each point. A student encoder sees
+:mod:`anatomap.infer.mining`), and a crop is cut around each point. A student encoder sees
 both views with ``mask_ratio`` of their patches masked; an EMA teacher (a copy of the
 encoder and heads, no gradients, updated after each step) sees them intact. Three losses,
 each switched off by a zero weight:
@@ -57,7 +57,7 @@ from anatomap.objectives.registry import register_objective
 from anatomap.objectives.spatial_aware import ema_momentum, ema_update
 
 if TYPE_CHECKING:
-    from anatomap.data.mining import MinedPairs
+    from anatomap.infer.mining import MinedPairs
 
 
 class AliceConfig(ObjectiveParams):
@@ -212,7 +212,7 @@ class Alice(Objective):
     ) -> MinedPairs | None:
         """Mine (or read back) the view pairs of the training ``subjects``; ``None`` without a
         SAM checkpoint (allowed for same-volume views only)."""
-        from anatomap.data.mining import load_or_mine
+        from anatomap.infer.mining import load_or_mine
 
         c = config
         if c.sam_checkpoint is None:
@@ -247,7 +247,7 @@ class Alice(Objective):
     ) -> Any:
         """Mined cross-volume pairs (or same-volume views around the mined points of A, for
         the ablation); mining runs here, before training, or is read back from its folder."""
-        from anatomap.data.mining import MinedPairDataset
+        from anatomap.infer.mining import MinedPairDataset
 
         c: AliceConfig = config  # type: ignore[assignment]
         pairs = cls.mined_pairs(c, cache, subjects, seed)

@@ -10,7 +10,6 @@ from anatomap.errors import ConfigError
 if TYPE_CHECKING:
     from anatomap.config import ObjectiveConfig
     from anatomap.objectives.base import Objective
-    from anatomap.train.checkpoint import LoadedCheckpoint
 
 _OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -59,13 +58,3 @@ def objective_config(cfg: ObjectiveConfig | dict[str, Any], source: str = "confi
     except ConfigError as exc:
         msg = str(exc).replace("key '", "key 'objective.")
         raise ConfigError(msg) from None
-
-
-def load_objective(ckpt: LoadedCheckpoint) -> Objective:
-    """Rebuild a checkpoint's objective (heads included, weights loaded) in eval mode."""
-    meta = ckpt.meta
-    cls = get_objective(meta["objective"])
-    params = objective_config({"name": meta["objective"], **meta.get("objective_config", {})})
-    objective = cls(params, ckpt.encoder)
-    objective.load_state_dict(ckpt.objective_state, strict=False)
-    return objective.eval()

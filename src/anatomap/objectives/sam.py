@@ -85,16 +85,6 @@ def outside_radius(
     return geometry.cross_distances(anchor_mm.float(), candidate_mm.float()) > radius
 
 
-def sample_map(feature_map: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples ``[N, D]`` of ``feature_map [D, *s]`` at voxel indices ``ijk [N, 3]``,
-    re-normalised to unit length."""
-    grid = geometry.grid_sample_coords(ijk.to(feature_map.dtype), feature_map.shape[1:])
-    out = F.grid_sample(
-        feature_map[None], grid.view(1, -1, 1, 1, 3), align_corners=True, mode="bilinear"
-    )
-    return F.normalize(out.view(feature_map.shape[0], -1).T, dim=-1)
-
-
 # ----------------------------------------------------------------------------- module
 
 
@@ -241,7 +231,7 @@ class SAM(Objective):
             return None
         pick = overlap[torch.randperm(len(overlap), generator=gen)[:count]]
         anchors = F.normalize(map_a.flatten(1).T[pick], dim=-1)
-        return pick, world_a[pick], anchors, sample_map(map_o, in_o[pick])
+        return pick, world_a[pick], anchors, geometry.sample_map(map_o, in_o[pick])
 
     def _fine_loss(self, fa, fo, ca, co, faff_a, faff_o, caff_a, caff_o, gen):
         c = self.config
@@ -255,8 +245,8 @@ class SAM(Objective):
         valid = outside_radius(anchor_w, cand_w, c.fine_ignore_mm)
         with torch.no_grad():
             # Combined coarse + fine similarity ranks the candidates (hard negative mining).
-            anchor_c = sample_map(ca, geometry.world_to_voxel(caff_a, anchor_w))
-            cand_c = sample_map(co, geometry.world_to_voxel(caff_o, cand_w))
+            anchor_c = geometry.sample_map(ca, geometry.world_to_voxel(caff_a, anchor_w))
+            cand_c = geometry.sample_map(co, geometry.world_to_voxel(caff_o, cand_w))
             sim = anchors @ cand.T + anchor_c @ cand_c.T
             idx, ok = mine_hard_negatives(sim, valid, c.hard_pool, c.hard_keep, gen)
         return info_nce(anchors, positives, cand[idx], c.temperature, ok)

@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from anatomap import geometry
+from anatomap.geometry import sample_map
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
 from anatomap.objectives.registry import register_objective
-from anatomap.objectives.sam import SAM, DenseHeads, sample_map
+from anatomap.objectives.sam import SAM, DenseHeads
 
 # ----------------------------------------------------------------------------- pure pieces
 

@@ -21,7 +21,7 @@ from anatomap.data.sampler import EpochSampler, LocatedViewDataset, SharedRingCo
 from anatomap.errors import AnatomapError
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective, objective_config
-from anatomap.train.checkpoint import RESUME_FORMAT
+from anatomap.train.resume import RESUME_FORMAT
 
 
 class NonFiniteLossError(AnatomapError):

@@ -2,7 +2,7 @@
 
 A run folder holds ``config.yaml`` (resolved), ``logs/metrics.csv`` and TensorBoard events
 (``tb/``), ``checkpoint/`` (the latest safetensors checkpoint, see
-:mod:`anatomap.train.checkpoint`), ``lightning/last.ckpt`` (full trainer state for
+:mod:`anatomap.checkpoint`), ``lightning/last.ckpt`` (full trainer state for
 ``--resume``) and ``ranks.json`` (each DDP rank's weight fingerprint at the end).
 """
 
@@ -20,16 +20,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from anatomap.checkpoint import save_checkpoint
 from anatomap.config import RunConfig, dump_config
 from anatomap.data.cache import Cache, atomic_write_json
 from anatomap.errors import AnatomapError
+from anatomap.io.atomic import atomic_write_text
 from anatomap.objectives.registry import objective_config
-from anatomap.train.checkpoint import (
-    SafeCheckpointIO,
-    atomic_write_file,
-    load_resume_file,
-    save_checkpoint,
-)
 from anatomap.train.module import (
     PretrainModule,
     ViewDataModule,
@@ -37,6 +33,7 @@ from anatomap.train.module import (
     heldout_file,
     heldout_subjects,
 )
+from anatomap.train.resume import SafeCheckpointIO, load_resume_file
 
 
 class _DropAdverts(logging.Filter):
@@ -134,7 +131,7 @@ def pretrain(
             "--overwrite to start again, or choose another output="
         )
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write_file(run / "config.yaml", dump_config(cfg).encode(), "config")
+    atomic_write_text(run / "config.yaml", dump_config(cfg), what="config")
 
     cache = Cache(cfg.data.cache)
     heldout = heldout_subjects(cfg, config_dir)

@@ -13,40 +13,37 @@ never sees a half-written checkpoint and the previous one survives a failed writ
 full, kill -9). A kill between the two renames of the swap leaves the previous checkpoint as
 ``.<name>.old``; readers fall back to it and the next save puts it back.
 
-Lightning's full resume file (``RUN/lightning/last.ckpt``) goes through
-:class:`SafeCheckpointIO`: written atomically the same way, and read only with
-``torch.load(weights_only=True)`` and only if it carries anatomap's resume marker.
+This module sits below training, inference and evaluation: everything that loads a model
+goes through :func:`load_model` (encoder + objective + metadata). Lightning's resume file is
+handled in :mod:`anatomap.train.resume`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
-import io
 import json
 import os
-import pickle
 import shutil
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from anatomap.errors import CheckpointError
+from anatomap.io.atomic import fsync_dir, reason, write_synced
 from anatomap.models.encoders import Encoder, EncoderSpec, build_encoder
+
+if TYPE_CHECKING:
+    from anatomap.objectives.base import Objective
 
 FORMAT = "anatomap-checkpoint"
 FORMAT_VERSION = 1
-RESUME_FORMAT = "anatomap-resume-1"
-"""Marker stored in every Lightning resume file anatomap writes (``checkpoint["anatomap"]``)."""
 
 
 def code_version() -> str:
@@ -68,58 +65,6 @@ def code_version() -> str:
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return "no space left on device"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def write_synced(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` and flush it to disk (no rename: callers do that)."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_file(path: str | Path, data: bytes | memoryview, what: str = "file") -> None:
-    """Write ``path`` through a synced temporary file in the same folder and a rename.
-
-    Any failure (e.g. disk full) removes the temporary file, leaves the previous ``path``
-    untouched and raises :class:`CheckpointError` naming the file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
-            if stale != tmp:
-                stale.unlink(missing_ok=True)
-        write_synced(tmp, data)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"{path}: could not write {what} ({_reason(exc)}); the previous one is intact"
-        ) from None
 
 
 def _old(folder: Path) -> Path:
@@ -175,66 +120,23 @@ def save_checkpoint(
         full_meta["weights_sha256"] = hashlib.sha256(data).hexdigest()
         write_synced(tmp / "model.safetensors", data)
         write_synced(tmp / "meta.json", json.dumps(full_meta, indent=2).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = _old(folder)
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
         shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not folder.exists() and _complete(_old(folder)):
             os.replace(_old(folder), folder)
         raise CheckpointError(
-            f"{folder}: could not write checkpoint ({_reason(exc)}); "
+            f"{folder}: could not write checkpoint ({reason(exc)}); "
             "the previous checkpoint is intact"
         ) from None
     return folder
-
-
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O for the resume file: atomic writes (synced temp file +
-    rename, :class:`CheckpointError` on failure, previous file intact) and reads with
-    ``torch.load(weights_only=True)`` of files that carry :data:`RESUME_FORMAT` only."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        buf = io.BytesIO()
-        torch.save(checkpoint, buf)
-        atomic_write_file(path, buf.getbuffer(), "resume file")
-
-    def load_checkpoint(
-        self,
-        path: Any,
-        map_location: Callable | str | None = "cpu",
-        weights_only: bool | None = None,
-    ) -> dict[str, Any]:
-        return load_resume_file(path, map_location)
-
-
-def load_resume_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A resume file anatomap wrote, unpickled with ``weights_only=True`` (tensors, numbers,
-    strings and containers only: no object is constructed, no code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: resume file not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(
-            f"{path}: refused to load: not a plain tensor file (weights_only load failed: "
-            f"{first[:160]})"
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable resume file ({_reason(exc)})") from None
-    marker = ckpt.get("anatomap") if isinstance(ckpt, dict) else None
-    if not isinstance(marker, dict) or marker.get("format") != RESUME_FORMAT:
-        raise CheckpointError(f"{path}: not a resume file written by anatomap")
-    return ckpt
 
 
 @dataclass
@@ -286,7 +188,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedCheckp
     try:
         data = weights.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"{weights}: unreadable ({_reason(exc)})") from None
+        raise CheckpointError(f"{weights}: unreadable ({reason(exc)})") from None
     expected = meta.get("weights_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(
@@ -324,3 +226,24 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedCheckp
     }
     encoder.eval()
     return LoadedCheckpoint(encoder, meta, obj_state, folder)
+
+
+def load_objective(ckpt: LoadedCheckpoint) -> Objective:
+    """Rebuild a checkpoint's objective (heads included, weights loaded) in eval mode."""
+    from anatomap.objectives.registry import get_objective, objective_config
+
+    meta = ckpt.meta
+    cls = get_objective(meta["objective"])
+    params = objective_config({"name": meta["objective"], **meta.get("objective_config", {})})
+    objective = cls(params, ckpt.encoder)
+    objective.load_state_dict(ckpt.objective_state, strict=False)
+    return objective.eval()
+
+
+def load_model(
+    path: str | Path, map_location: str = "cpu"
+) -> tuple[Encoder, Objective, dict[str, Any]]:
+    """``checkpoint -> (encoder, objective, meta)``, both modules in eval mode: the one way
+    inference, evaluation, export and mining load a model."""
+    ckpt = load_checkpoint(path, map_location)
+    return ckpt.encoder, load_objective(ckpt), ckpt.meta

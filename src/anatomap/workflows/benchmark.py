@@ -233,7 +233,7 @@ def train_method(run_cfg, log: Callable[[str], None] = print) -> RunStats:
     cfg_file.write_text(dump_config(run_cfg))
     seg = run / "benchmark_segment.json"
     seg.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "anatomap.benchmark", str(cfg_file), str(seg)]
+    cmd = [sys.executable, "-m", "anatomap.workflows.benchmark", str(cfg_file), str(seg)]
     if resume:
         cmd.append("--resume")
         log(f"      resuming interrupted run {run}")
@@ -299,8 +299,8 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train and evaluate every selected method; returns the folder with the tables."""
-    from anatomap.bench_report import write_benchmark_report
-    from anatomap.run_demo import prepare_demo
+    from anatomap.workflows.benchmark_table import write_benchmark_report
+    from anatomap.workflows.demo import prepare_demo
 
     out_dir = Path(out or cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -347,12 +347,12 @@ def run_benchmark(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m anatomap.benchmark CONFIG STATS [--resume]``: the training child."""
+    """``python -m anatomap.workflows.benchmark CONFIG STATS [--resume]``: the training child."""
     args = list(sys.argv[1:] if argv is None else argv)
     resume = "--resume" in args
     args = [a for a in args if a != "--resume"]
     if len(args) != 2:
-        print("usage: python -m anatomap.benchmark RUN_CONFIG STATS_JSON [--resume]")
+        print("usage: python -m anatomap.workflows.benchmark RUN_CONFIG STATS_JSON [--resume]")
         return 2
     return train_child(Path(args[0]), Path(args[1]), resume)
 

@@ -36,9 +36,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from anatomap.checkpoint import load_checkpoint
 from anatomap.errors import AnatomapError
 from anatomap.models.encoders import Encoder
-from anatomap.train.checkpoint import load_checkpoint
 
 FORMAT = "anatomap-export"
 FORMAT_VERSION = 1

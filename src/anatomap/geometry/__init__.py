@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
@@ -28,13 +29,6 @@ def _is_torch(x: object) -> bool:
 
 def _inv(a: Array) -> Array:
     return torch.linalg.inv(a) if _is_torch(a) else np.linalg.inv(a)
-
-
-def _homogeneous(points: Array) -> Array:
-    if _is_torch(points):
-        ones = torch.ones(*points.shape[:-1], 1, dtype=points.dtype, device=points.device)
-        return torch.cat([points, ones], dim=-1)
-    return np.concatenate([points, np.ones((*points.shape[:-1], 1), points.dtype)], axis=-1)
 
 
 def _pad3(index: np.ndarray) -> np.ndarray:
@@ -296,3 +290,13 @@ def overlap_matrix(
     inter = np.clip(hi - lo, 0.0, None).prod(-1)
     vol_a = (hi_a - lo_a).prod(-1)[..., :, None]
     return np.where(vol_a > 0, inter / np.where(vol_a > 0, vol_a, 1.0), 0.0)
+
+
+def sample_map(feature_map: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples ``[N, D]`` of ``feature_map [D, *s]`` at voxel indices ``ijk [N, 3]``,
+    re-normalised to unit length."""
+    grid = grid_sample_coords(ijk.to(feature_map.dtype), feature_map.shape[1:])
+    out = F.grid_sample(
+        feature_map[None], grid.view(1, -1, 1, 1, 3), align_corners=True, mode="bilinear"
+    )
+    return F.normalize(out.view(feature_map.shape[0], -1).T, dim=-1)

@@ -60,7 +60,7 @@ class MiningError(AnatomapError):
 
 def checkpoint_fingerprint(checkpoint: str | Path) -> str:
     """SHA-256 (first 16 hex digits) of a checkpoint's ``model.safetensors``."""
-    from anatomap.train.checkpoint import resolve_checkpoint
+    from anatomap.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint) / "model.safetensors"
     h = hashlib.sha256()
@@ -131,7 +131,7 @@ def default_mining_dir(
     checkpoint: str | Path, cache: Cache, subjects: list[str], **params: Any
 ) -> Path:
     """``<SAM run>/mined/<hash of checkpoint, cache, subjects and parameters>``."""
-    from anatomap.train.checkpoint import resolve_checkpoint
+    from anatomap.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     key = {
@@ -204,9 +204,9 @@ def mine_pairs(
     matched in B at once; the first whose score reaches ``threshold`` is kept (a pair with no
     such point is dropped and counted). Writes ``out`` (see the module docstring).
     """
+    from anatomap.checkpoint import resolve_checkpoint
     from anatomap.infer.embed import DenseModel
     from anatomap.infer.match import match_points
-    from anatomap.train.checkpoint import resolve_checkpoint
 
     out = Path(out)
     subjects = sorted(subjects)

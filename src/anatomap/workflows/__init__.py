@@ -1,0 +1,1 @@
+"""Workflows that compose the layers below: the demo and the benchmark of every method."""
