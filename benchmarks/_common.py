@@ -195,9 +195,10 @@ def demo_cache(
     and page-cache space; content does not change sampling cost). Without it every subject
     is generated. Label maps are not copied.
     """
-    from anatomap.data.cache import Cache, atomic_write_json, build_cache
+    from anatomap.data.cache import Cache, build_cache
     from anatomap.data.demo import build_demo
     from anatomap.data.manifest import index_directory, write_manifest
+    from anatomap.io.atomic import atomic_write_json
 
     root = Path(folder)
     n_real = min(n_subjects, real) if real else n_subjects

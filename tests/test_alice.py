@@ -13,15 +13,9 @@ import torch.nn.functional as F
 
 from anatomap.checkpoint import save_checkpoint
 from anatomap.data.cache import Cache
+from anatomap.data.pairs import MINING_FILE, MinedPairDataset, MiningError
 from anatomap.errors import ConfigError
-from anatomap.infer.mining import (
-    MINING_FILE,
-    MinedPairDataset,
-    MiningError,
-    checkpoint_fingerprint,
-    load_or_mine,
-    mine_pairs,
-)
+from anatomap.infer.mining import checkpoint_fingerprint, load_or_mine, mine_pairs
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.alice import CAFA, Alice
 from anatomap.objectives.alice_losses import (
@@ -298,6 +292,9 @@ def test_mined_dataset_views_cross_or_same_volume(
     centres = geometry.box_center(t["affine"], (16, 16, 16))
     assert torch.allclose(centres[0], centres[1], atol=3.0)
     # A same-volume run needs no SAM checkpoint; a cross-volume one does.
+    with pytest.raises(ConfigError, match="sam_checkpoint"):
+        Alice.mining_request(objective_config({"name": "alice", **SMALL, "cross_volume": True}))
+    assert Alice.mining_request(objective_config({"name": "alice", **SMALL})) is None
     with pytest.raises(ConfigError, match="sam_checkpoint"):
         Alice.train_dataset(
             objective_config({"name": "alice", **SMALL, "cross_volume": True}),

@@ -14,7 +14,7 @@ from anatomap.config import load_config
 from anatomap.errors import CheckpointError
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives import isimed
-from anatomap.objectives.registry import _OBJECTIVES, register_objective
+from anatomap.objectives.registry import OBJECTIVES, register_objective
 from anatomap.train.module import NonFiniteLossError
 from anatomap.train.pretrain import pretrain
 
@@ -96,7 +96,7 @@ def test_nan_loss_stops_with_step_and_subjects_and_keeps_checkpoint(
         with pytest.raises(NonFiniteLossError, match=r"at step 2 on subjects sub-\d\d"):
             pretrain(cfg)
     finally:
-        _OBJECTIVES.pop("_nan_after_two_steps", None)
+        OBJECTIVES.pop("_nan_after_two_steps", None)
     meta = json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())
     assert meta["step"] == 2
     loaded = load_checkpoint(tmp_path / "run")

@@ -13,6 +13,7 @@ import pytest
 from anatomap import geometry
 from anatomap.data.cache import CachedSubject
 from anatomap.data.phantoms import blob_volume
+from anatomap.eval.landmark_figures import landmark_sections
 from anatomap.eval.landmarks import (
     IdentityMatcher,
     LandmarkReport,
@@ -20,7 +21,6 @@ from anatomap.eval.landmarks import (
     MatchResult,
     evaluate_matchers,
     landmark_metrics,
-    landmark_sections,
     partial_subjects,
 )
 from anatomap.eval.registration import (

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 
 from anatomap import geometry
 from anatomap.errors import ConfigError
+from anatomap.models.ema import ema_momentum, ema_update
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective, objective_config
 from anatomap.objectives.spatial_aware import (
     GapHead,
     adjacency_loss,
-    ema_momentum,
-    ema_update,
     enumerate_routes,
     gap_matrix_loss,
     location_loss,

@@ -16,18 +16,17 @@ from __future__ import annotations
 import csv
 import io as _io
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from anatomap import geometry
-from anatomap.config import RunConfig
+from anatomap.config import RunConfig, config_path
 from anatomap.config import load_config as _load_config
 from anatomap.data.cache import Cache, CacheBuildResult, build_cache
 from anatomap.data.manifest import IndexResult, index_directory
-from anatomap.errors import AnatomapError, ConfigError
+from anatomap.errors import AnatomapError
 from anatomap.eval.evaluate import EvalResult
 from anatomap.eval.evaluate import evaluate as _evaluate
 from anatomap.infer.embed import DenseEmbedding, DenseModel, embedding_name, load_or_embed
@@ -37,28 +36,12 @@ from anatomap.train.pretrain import PretrainResult
 from anatomap.train.pretrain import pretrain as _pretrain
 
 
-def config_path(name_or_path: str | Path) -> Path:
-    """A config file path, or the name of a packaged config (``isimed``, ``demo``...)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
-        raise ConfigError(f"{p}: config file not found")
-    packaged = resources.files("anatomap") / "configs" / f"{Path(str(name_or_path)).stem}.yaml"
-    if packaged.is_file():
-        return Path(str(packaged))
-    names = sorted(
-        f.name.removesuffix(".yaml")
-        for f in (resources.files("anatomap") / "configs").iterdir()
-        if f.name.endswith(".yaml")
-    )
-    raise ConfigError(
-        f"{name_or_path}: no such config file or packaged config ({', '.join(names)})"
-    )
-
-
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a YAML config (file or packaged name) with ``key=value`` overrides."""
+    """Load and validate a YAML config (file or packaged name) with ``key=value`` overrides.
+
+    ``config_path`` (re-exported here) resolves packaged names; the validation, the method's
+    own parameters included, happens once, in :func:`anatomap.config.load_config`.
+    """
     return _load_config(config_path(name_or_path), overrides)
 
 

@@ -247,3 +247,14 @@ def load_model(
     inference, evaluation, export and mining load a model."""
     ckpt = load_checkpoint(path, map_location)
     return ckpt.encoder, load_objective(ckpt), ckpt.meta
+
+
+def read_metrics(run: str | Path) -> list[dict[str, str]]:
+    """Rows of a run folder's ``RUN/logs/metrics.csv`` (what the CSV logger wrote)."""
+    import csv
+
+    path = Path(run) / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -123,20 +123,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_mine(args: argparse.Namespace) -> int:
     from anatomap.api import config_path, load_config
     from anatomap.data.cache import Cache
-    from anatomap.objectives.alice import Alice
-    from anatomap.objectives.registry import objective_config
+    from anatomap.infer.mining import pairs_for
+    from anatomap.objectives.base import Objective
+    from anatomap.objectives.registry import get_objective
     from anatomap.train.module import heldout_subjects
 
     path = config_path(args.config)
     cfg = load_config(path, args.overrides)
-    if cfg.objective.name != "alice":
+    method = get_objective(cfg.objective.name)
+    if method.mining_request.__func__ is Objective.mining_request.__func__:  # type: ignore[attr-defined]
         raise AnatomapError(
             f"{path}: `anatomap mine` is for alice configs, not {cfg.objective.name}"
         )
     cache = Cache(cfg.data.cache)
     held = set(heldout_subjects(cfg, path.parent))
     train = [s for s in cache.subjects if s not in held]
-    mined = Alice.mined_pairs(objective_config(cfg.objective), cache, train, cfg.trainer.seed)
+    request = method.mining_request(cfg.objective_params)
+    mined = pairs_for(request, cache, train, cfg.trainer.seed)
     if mined is None:
         print("same-volume views without a SAM checkpoint: nothing to mine")
     else:
@@ -276,13 +279,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="anatomap", description="Self-supervised anatomical position learning."
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
-
+def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap data index`` and ``anatomap data cache``."""
     data = sub.add_parser("data", help="index and cache scans")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("index", help="find and validate scans; write a JSONL manifest")
@@ -316,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cache)
 
+
+def _add_pretrain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap pretrain``."""
     p = sub.add_parser("pretrain", help="train a config: pretrain CONFIG [key=value ...]")
     p.add_argument("config", help="YAML file or packaged config name (see `anatomap list`)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -323,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start the run folder again")
     p.set_defaults(func=cmd_pretrain)
 
+
+def _add_mine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap mine``."""
     p = sub.add_parser(
         "mine", help="Alice: mine cross-volume view pairs with a SAM checkpoint ahead of training"
     )
@@ -330,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (as for pretrain)")
     p.set_defaults(func=cmd_mine)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap evaluate``."""
     p = sub.add_parser("evaluate", help="evaluate a run folder or checkpoint; write report.html")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path)
@@ -346,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-registration", action="store_true", help="skip the registration baselines")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_embed(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap embed``."""
     p = sub.add_parser(
         "embed", help="dense embeddings of whole scans (dense checkpoints, e.g. sam)"
     )
@@ -356,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.25)
     p.set_defaults(func=cmd_embed)
 
+
+def _add_match(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap match``."""
     p = sub.add_parser("match", help="find template points in target scans")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("targets", type=Path, nargs="+", help="scans or saved .emb.safetensors")
@@ -367,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=64)
     p.set_defaults(func=cmd_match)
 
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap demo``."""
     p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--subjects", type=int, default=16, help="demo subjects to build")
@@ -384,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap benchmark``."""
     p = sub.add_parser(
         "benchmark", help="train and evaluate every method with one budget; one table"
     )
@@ -396,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: the config's output)")
     p.set_defaults(func=cmd_benchmark)
 
+
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap export``."""
     p = sub.add_parser(
         "export", help="a checkpoint's encoder as a MONAI UNet/SwinUNETR or TorchScript file"
     )
@@ -411,8 +433,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="torchscript: edge of the tracing input (voxels)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_list(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap list``."""
     p = sub.add_parser("list", help="registered objectives and encoders")
     p.set_defaults(func=cmd_list)
+
+
+_COMMANDS = (
+    _add_data,
+    _add_pretrain,
+    _add_mine,
+    _add_evaluate,
+    _add_embed,
+    _add_match,
+    _add_demo,
+    _add_benchmark,
+    _add_export,
+    _add_list,
+)
+"""One function per sub-command, in the order ``anatomap --help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``anatomap`` argument parser: one sub-parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="anatomap", description="Self-supervised anatomical position learning."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    for add in _COMMANDS:
+        add(sub)
     return parser
 
 

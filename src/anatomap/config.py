@@ -1,20 +1,46 @@
-"""Typed run configuration: YAML -> validated pydantic models.
+"""Typed run configuration: YAML -> validated pydantic models (the one config loader).
 
 Unknown keys and wrong types are rejected with a message naming the key. ``key=value``
 overrides (values parsed as YAML scalars) are applied before validation. YAML is read with
 ``yaml.safe_load``, so no configuration can construct objects or execute code.
+:func:`read_yaml`, :func:`apply_overrides` and :func:`~anatomap.validation.validate_model`
+also serve the benchmark's own config. :func:`load_config` validates a run config once,
+the method's own parameters included (:attr:`RunConfig.objective_params`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from anatomap.errors import ConfigError
+from anatomap.validation import validate_model
+
+if TYPE_CHECKING:
+    from anatomap.objectives.base import ObjectiveParams
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "RunConfig",
+    "Strict",
+    "TrainerConfig",
+    "apply_overrides",
+    "config_path",
+    "dump_config",
+    "load_config",
+    "objective_params",
+    "parse_overrides",
+    "read_yaml",
+    "validate_model",
+]
 
 
 class Strict(BaseModel):
@@ -88,6 +114,49 @@ class RunConfig(Strict):
             raise ValueError("must not be empty")
         return v
 
+    @property
+    def objective_params(self) -> ObjectiveParams:
+        """The method's own parameters (``objective`` but ``name``), validated by its config."""
+        return objective_params(self.objective)
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file path, or the name of a packaged config (``isimed``, ``demo``...)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+        raise ConfigError(f"{p}: config file not found")
+    packaged = resources.files("anatomap") / "configs" / f"{Path(str(name_or_path)).stem}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    names = sorted(
+        f.name.removesuffix(".yaml")
+        for f in (resources.files("anatomap") / "configs").iterdir()
+        if f.name.endswith(".yaml")
+    )
+    raise ConfigError(
+        f"{name_or_path}: no such config file or packaged config ({', '.join(names)})"
+    )
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file, read with ``yaml.safe_load`` (empty: ``{}``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return loaded
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     node = tree
@@ -118,25 +187,31 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
-        elif err["type"] == "missing":
-            lines.append(f"{source}: missing required key '{key}'")
-        else:
-            lines.append(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+def apply_overrides(tree: dict, overrides: list[str] | None, source: str = "config") -> dict:
+    """Apply ``key.sub=value`` overrides to a config tree in place (and return it)."""
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, source)
+    return tree
 
 
-def validate_model(model: type[BaseModel], data: dict, source: str) -> Any:
-    """Validate ``data`` into ``model``, turning pydantic errors into a ConfigError."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, source)) from None
+def objective_params(objective: ObjectiveConfig, source: str = "config") -> ObjectiveParams:
+    """The method's own parameters, validated by its config class (once per distinct section:
+    :func:`load_config` validates them, later calls return the same object)."""
+    from anatomap.objectives.registry import get_objective, objective_config  # the methods
+
+    key = (
+        get_objective(objective.name),  # the class too: tests re-register temporary methods
+        json.dumps(objective.model_dump(mode="json"), sort_keys=True, default=str),
+    )
+    params = _PARAMS.get(key)
+    if params is None:
+        params = _PARAMS[key] = objective_config(objective, source=source)
+        while len(_PARAMS) > 256:
+            _PARAMS.pop(next(iter(_PARAMS)))
+    return params
+
+
+_PARAMS: dict[tuple[type, str], ObjectiveParams] = {}
 
 
 def load_config(
@@ -146,31 +221,17 @@ def load_config(
 ) -> RunConfig:
     """Read a YAML file (or start from ``base``), apply overrides, validate everything.
 
-    The objective's own parameters are validated too (by the registered method's config).
+    This is the one place a run configuration is validated: the sections and the
+    objective's own parameters (by the registered method's config), the latter kept for
+    :attr:`RunConfig.objective_params`.
     """
     source = str(path) if path is not None else "config"
     tree: dict = copy.deepcopy(base) if base else {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{p}: cannot read config ({exc})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        tree.update(loaded)
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, source)
+        tree.update(read_yaml(path))
+    apply_overrides(tree, overrides, source)
     cfg = validate_model(RunConfig, tree, source)
-    from anatomap.objectives.registry import objective_config
-
-    objective_config(cfg.objective, source=source)  # validates the method's parameters
+    objective_params(cfg.objective, source=source)
     return cfg
 
 

@@ -84,11 +84,12 @@ def test_disk_full_during_training_stops_cleanly_and_keeps_last_checkpoint(
     overrides: Callable[..., list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from anatomap.io.atomic import write_synced as real
+
     calls = {"n": 0}
 
     def write(path: Path, data: bytes | memoryview) -> None:
         calls["n"] += 1
-        if calls["n"] > 10:  # config.yaml, then 3 files a step (weights, meta, resume file)
+        if calls["n"] > 11:  # config.yaml, run.json, then 3 files a step (weights, meta, resume)
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,29 +39,16 @@ from anatomap.data.preprocess import IntensityPreset, parse_presets, preprocess,
 from anatomap.data.volume import Volume
 from anatomap.errors import AnatomapError, VolumeError
 from anatomap.io import read_volume
+from anatomap.io.atomic import WriteError, atomic_path, atomic_write_json
 
 CACHE_VERSION = 1
 MAX_FOREGROUND_POINTS = 50_000
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    _atomic_write_bytes(Path(path), json.dumps(obj, indent=2).encode())
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    """Save ``array`` to ``path`` atomically (the reliability tests patch this seam)."""
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array)
 
 
 @dataclass
@@ -378,7 +364,7 @@ def build_cache(
             _build_entry(record, folder, modalities, presets, spacing, dtype, fp)
             done.append(record.subject)
             built += 1
-        except (VolumeError, OSError) as exc:
+        except (VolumeError, WriteError, OSError) as exc:
             problems.append({"subject": record.subject, "reason": str(exc)})
             shutil.rmtree(folder, ignore_errors=True)
     h = hashlib.sha256()

@@ -229,6 +229,12 @@ def sample_views(
     return images, affines
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample integer seed from ``(seed, epoch, index)``: objectives seed their own
+    random choices from it (``batch["seed"]``), so they replay with the sample."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)[0])
+
+
 class LocatedViewDataset(Dataset):
     """Map-style dataset of located views.
 
@@ -271,11 +277,13 @@ class LocatedViewDataset(Dataset):
         sid, rng = self.locate(index)
         subject = self.cache[sid]
         images, affines = sample_views(subject, self.spec, rng)
+        epoch, i = divmod(int(index), self.samples_per_epoch)
         return {
             "image": torch.from_numpy(images),
             "affine": torch.from_numpy(affines),
             "modality_mask": torch.from_numpy(subject.present.copy()),
             "subject": sid,
+            "seed": torch.tensor(sample_seed(self.seed, epoch, i)),
         }
 
 

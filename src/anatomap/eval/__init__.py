@@ -1,7 +1,7 @@
 """Evaluation tasks (registered on import) and the report."""
 
 from anatomap.eval import (  # noqa: F401  (each module registers its task)
-    matchers,  # "landmarks"
+    landmarks_task,  # "landmarks"
     position,  # "position"
     robustness,  # "robustness" (multi-modal caches)
     spatial,  # "spatial_aware"

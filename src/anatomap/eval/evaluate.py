@@ -31,7 +31,7 @@ class EvalResult:
 
 
 def _loss_figure(run_dir: Path) -> plt.Figure | None:
-    from anatomap.train.pretrain import read_metrics
+    from anatomap.checkpoint import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if r.get("loss")]
     if not rows:

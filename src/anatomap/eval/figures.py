@@ -36,7 +36,7 @@ from sklearn.decomposition import PCA
 
 from anatomap.eval.report import Section
 from anatomap.models.encoders import Encoder
-from anatomap.objectives.base import Objective
+from anatomap.objectives.base import DenseObjective, Objective
 
 if TYPE_CHECKING:
     from anatomap.eval.tasks import EvalContext
@@ -89,7 +89,7 @@ def slice_features(
 ) -> tuple[np.ndarray, int]:
     """Features ``[D, x, y]`` of axial slice ``z`` of ``image [C, X, Y, Z]`` and their stride.
 
-    Dense objectives (``dense_output``) give their fine map (sliding window, as ``embed``);
+    Dense objectives (:class:`~anatomap.objectives.base.DenseObjective`) give their fine map (sliding window, as ``embed``);
     other encoders the pyramid level of :func:`_feature_level`, L2-normalised. Only a slab
     of the volume around ``z`` is encoded (its thickness a multiple of the largest stride,
     ``z`` on the feature grid), so memory does not grow with the number of slices.
@@ -102,7 +102,7 @@ def slice_features(
     lo, hi = max(0, z - off), min(nz, z - off + thick)
     slab[..., lo - (z - off) : hi - (z - off)] = image[..., lo:hi]
     encoder = encoder.eval()
-    if objective is not None and getattr(objective, "dense_output", False):
+    if objective is not None and isinstance(objective, DenseObjective):
         from anatomap.infer.embed import DenseModel, embed_array
 
         emb = embed_array(DenseModel(encoder, objective.eval()), slab, np.eye(4), window=64)

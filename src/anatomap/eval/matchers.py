@@ -1,34 +1,33 @@
-"""Embedding matchers for the landmark task, and the task itself.
+"""Embedding matchers for the landmark task (:mod:`anatomap.eval.landmarks_task`).
 
 - :class:`DenseMatcher`: SAM-style coarse-to-fine matching on dense embeddings
   (:mod:`anatomap.infer.match`), for checkpoints with dense heads.
 - :class:`CropMatcher`: matching with a crop embedding (ISImed, or any pooled encoder): the
   crop centred on the template point is compared with crops centred on a grid over the
   target; the nearest embedding wins.
-The task ``landmarks`` compares the checkpoint with its random-init twin, the registration
-baselines (:mod:`anatomap.eval.registration`) and, when given, other checkpoints (``compare``).
+:func:`build_matchers` gives the task's rows: the checkpoint, its random-init twin, other
+checkpoints (``compare``) and the registration baselines (:mod:`anatomap.eval.registration`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from anatomap import geometry
-from anatomap.checkpoint import load_checkpoint, load_objective
+from anatomap.checkpoint import load_model
 from anatomap.data.cache import CachedSubject
 from anatomap.data.sampler import cut_view
 from anatomap.errors import AnatomapError
 from anatomap.eval import landmarks as lm
-from anatomap.eval.tasks import EvalContext, TaskResult, register_task
+from anatomap.eval.tasks import EvalContext
 from anatomap.infer.embed import DenseModel, embed_array
 from anatomap.infer.match import coarse_on_fine_grid, match_points
 from anatomap.models.encoders import Encoder
-from anatomap.objectives.base import Objective
+from anatomap.objectives.base import DenseObjective, Objective
 
 
 class DenseMatcher:
@@ -99,7 +98,7 @@ class CropMatcher:
 
 def matcher_for(name: str, encoder: Encoder, objective: Objective, meta: dict) -> Any:
     """The right matcher for a model: dense when its objective has dense heads."""
-    if getattr(objective, "dense_output", False):
+    if isinstance(objective, DenseObjective):
         return DenseMatcher(name, DenseModel(encoder, objective))
     crop = int(meta.get("objective_config", {}).get("crop_size", 32))
     return CropMatcher(name, lambda x: objective.embed(encoder, x), crop)
@@ -114,33 +113,8 @@ def build_matchers(ctx: EvalContext) -> list[Any]:
     for label, path in (ctx.options.get("compare") or {}).items():
         if label in {m.name for m in matchers} | {"affine", "affine+bspline"}:
             raise AnatomapError(f"--compare name '{label}' is already a row of the table")
-        other = load_checkpoint(path)
-        matchers.append(matcher_for(label, other.encoder, load_objective(other), other.meta))
+        encoder, objective, meta = load_model(path)
+        matchers.append(matcher_for(label, encoder, objective, meta))
     if ctx.options.get("registration", True):
         matchers += [AffineRegistration(), BSplineRegistration()]
     return matchers
-
-
-def _applies(ctx: EvalContext) -> bool:
-    """By default for dense checkpoints (matching is what they are for) with landmarks on at
-    least two held-out subjects; ask for it by name (``tasks=["landmarks"]``) otherwise."""
-    dense = getattr(ctx.objective, "dense_output", False)
-    return dense and sum(bool(ctx.cache[s].landmarks) for s in ctx.subjects) >= 2
-
-
-@register_task("landmarks", applies=_applies)
-def landmark_task(ctx: EvalContext) -> TaskResult:
-    """Landmark matching on held-out pairs: MRE, median, CPM@3/5/10 mm, time per target."""
-    partial = set(ctx.options.get("partial") or ())
-    csv_path = ctx.options.get("subjects_csv") or ctx.meta.get("data", {}).get("heldout_file")
-    if not partial and csv_path and Path(csv_path).is_file():
-        partial = lm.partial_subjects(Path(csv_path))
-    report = lm.evaluate_matchers(
-        build_matchers(ctx),
-        ctx.cache,
-        ctx.subjects,
-        partial=partial,
-        max_points=ctx.options.get("max_points", 40),
-        seed=ctx.seed,
-    )
-    return TaskResult(report.metrics(), lm.landmark_sections(report))

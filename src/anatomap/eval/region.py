@@ -45,9 +45,9 @@ def atlas_names(label: str) -> dict[int, str]:
     if label != DEFAULT_LABEL:
         return {}
     try:
-        from anatomap.data.demo import _aal_files, _read_aal_names
+        from anatomap.data.demo import aal_files, read_aal_names
 
-        return _read_aal_names(_aal_files()[1])
+        return read_aal_names(aal_files()[1])
     except (ImportError, OSError):
         return {}
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+
+from anatomap.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;
@@ -302,13 +302,8 @@ def write_page(
     (:func:`section_summaries`), ``[]`` leaves the table out. Everything is inline (figures
     as PNG data URIs), so the file can be mailed or opened from disk. Written atomically.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = render_page(title, sections, summary=summary, subtitle=subtitle)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text, what="report")
 
 
 def write_report(
@@ -320,7 +315,7 @@ def write_report(
     summary: Sequence[SummaryBlock] | None = None,
 ) -> Path:
     """Write ``report.html`` (:func:`render_page`), ``metrics.json`` and each figure as
-    ``figure_NN.png`` into ``out_dir``."""
+    ``figure_NN.png`` into ``out_dir``, each file atomically (non-finite metrics as null)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("figure_*.png"):  # a report with fewer figures leaves none behind
@@ -328,7 +323,7 @@ def write_report(
     pngs: list[bytes] = []
     text = render_page(title, sections, summary=summary, subtitle=subtitle, figure_sink=pngs)
     for n, data in enumerate(pngs, start=1):
-        (out / f"figure_{n:02d}.png").write_bytes(data)
-    (out / "report.html").write_text(text, encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_bytes(out / f"figure_{n:02d}.png", data, what="figure")
+    atomic_write_text(out / "report.html", text, what="report")
+    atomic_write_json(out / "metrics.json", metrics, what="metrics")
     return out / "report.html"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anatomap.checkpoint import load_checkpoint, load_objective
+from anatomap.checkpoint import load_model
 from anatomap.data.cache import CachedSubject
 from anatomap.errors import AnatomapError
 from anatomap.eval import landmarks as lm
@@ -28,7 +28,7 @@ from anatomap.eval.position import crop_size, embed, position_readout, sample_cr
 from anatomap.eval.report import Section
 from anatomap.eval.tasks import EvalContext, TaskResult, register_task
 from anatomap.models.encoders import Encoder
-from anatomap.objectives.base import Objective
+from anatomap.objectives.base import DenseObjective, Objective
 
 ALL = "all modalities"
 
@@ -71,14 +71,14 @@ def _models(ctx: EvalContext) -> dict[str, tuple[Encoder, Objective]]:
     for label, path in (ctx.options.get("compare") or {}).items():
         if label in models:
             raise AnatomapError(f"--compare name '{label}' is already a row of the table")
-        other = load_checkpoint(path)
-        mods = other.meta.get("data", {}).get("modalities")
+        encoder, objective, meta = load_model(path)
+        mods = meta.get("data", {}).get("modalities")
         if mods is not None and list(mods) != ctx.cache.modalities:
             raise AnatomapError(
-                f"{other.path}: trained on modalities {mods}, the cache has "
+                f"{path}: trained on modalities {mods}, the cache has "
                 f"{ctx.cache.modalities}; robustness compares runs on the same modalities"
             )
-        models[label] = (other.encoder.eval(), load_objective(other).eval())
+        models[label] = (encoder, objective)
     return models
 
 
@@ -112,6 +112,35 @@ def _applies(ctx: EvalContext) -> bool:
     return len(ctx.cache.modalities) > 1
 
 
+def _table(
+    position: dict[str, dict[str, dict[str, float]]],
+    marks: dict[str, dict[str, dict[str, float]]],
+) -> tuple[list[str], list[list[Any]]]:
+    """The report table: one row per (model, condition)."""
+    header = ["encoder", "condition", "Spearman", "R^2", "mean error (mm)", "error drop (mm)"]
+    if marks:
+        header += ["landmark MRE (mm)", "CPM@5", "MRE drop (mm)"]
+    rows: list[list[Any]] = []
+    for name, conds in position.items():
+        for cond, met in conds.items():
+            row: list[Any] = [
+                name,
+                cond,
+                met["spearman"],
+                met["r2"],
+                met["mean_error_mm"],
+                met["mean_error_mm"] - conds[ALL]["mean_error_mm"],
+            ]
+            if marks:
+                if name in marks:
+                    lmk = marks[name][cond]
+                    row += [lmk["mre_mm"], lmk["cpm@5"], lmk["mre_mm"] - marks[name][ALL]["mre_mm"]]
+                else:
+                    row += ["-", "-", "-"]
+            rows.append(row)
+    return header, rows
+
+
 @register_task("robustness", applies=_applies)
 def robustness_task(ctx: EvalContext) -> TaskResult:
     """Position (and dense landmark) metrics with all modalities and each one dropped."""
@@ -136,7 +165,7 @@ def robustness_task(ctx: EvalContext) -> TaskResult:
             e = embed(lambda x, enc=enc, obj=obj: obj.embed(enc, x), drop_channel(crops.images, c))
             res = position_readout(e, crops.centres, crops.groups, ctx.seed)
             position[name][condition_name(m)] = res.metrics()
-        if with_landmarks and getattr(obj, "dense_output", False):
+        if with_landmarks and isinstance(obj, DenseObjective):
             marks[name] = _landmark_conditions(ctx, name, enc, obj)
 
     drop: dict[str, dict[str, dict[str, float]]] = {}
@@ -151,27 +180,7 @@ def robustness_task(ctx: EvalContext) -> TaskResult:
                 lc = marks[name][condition_name(m)]
                 drop[name][m].update({f"landmark_{k}": lc[k] - lb[k] for k in ("mre_mm", "cpm@5")})
 
-    header = ["encoder", "condition", "Spearman", "R^2", "mean error (mm)", "error drop (mm)"]
-    if marks:
-        header += ["landmark MRE (mm)", "CPM@5", "MRE drop (mm)"]
-    rows: list[list[Any]] = []
-    for name, conds in position.items():
-        for cond, met in conds.items():
-            row: list[Any] = [
-                name,
-                cond,
-                met["spearman"],
-                met["r2"],
-                met["mean_error_mm"],
-                met["mean_error_mm"] - conds[ALL]["mean_error_mm"],
-            ]
-            if marks:
-                if name in marks:
-                    lmk = marks[name][cond]
-                    row += [lmk["mre_mm"], lmk["cpm@5"], lmk["mre_mm"] - marks[name][ALL]["mre_mm"]]
-                else:
-                    row += ["-", "-", "-"]
-            rows.append(row)
+    header, rows = _table(position, marks)
     text = (
         f"{per_subject} foreground crops of {'x'.join(map(str, size))} voxels on each of "
         f"{len(ctx.subjects)} held-out subjects, embedded with all of {', '.join(modalities)} "

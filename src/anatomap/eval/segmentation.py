@@ -321,6 +321,74 @@ def _slice_figure(image: np.ndarray, panels: dict[str, np.ndarray], k: int) -> p
     return fig
 
 
+def _classes(
+    ctx: EvalContext, name: str, lab: str, chosen: list[str], n_regions: int
+) -> tuple[dict[int, int] | None, int, list[str]] | None:
+    """(label mapping, number of classes, class names) of one label set; ``None`` when an
+    atlas has no region to segment."""
+    if name == TISSUE_LABEL:
+        subjects = [*chosen, *ctx.subjects]
+        values = sorted({int(v) for s in subjects for v in np.unique(ctx.cache[s].label(lab))})
+        num_classes = max(values) + 1
+        return None, num_classes, _tissue_names(num_classes)
+    regions = largest_regions(ctx.cache, chosen, lab, n_regions)
+    if not regions:
+        return None
+    names = atlas_names(lab)
+    class_names = ["background", *(names.get(r, str(r)) for r in regions)]
+    return {r: i + 1 for i, r in enumerate(regions)}, len(regions) + 1, class_names
+
+
+def _finetune_all(
+    ctx: EvalContext,
+    inits: dict[str, Any],
+    counts: list[int],
+    train_vols: list[Any],
+    test_vols: list[Any],
+    num_classes: int,
+    opts: dict[str, Any],
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, Any]], dict[str, np.ndarray]]:
+    """Fine-tune every initialisation on the first ``n`` labelled subjects for each ``n``:
+    mean Dice, Dice per class, and example predictions (largest ``n``)."""
+    budget: SegBudget = opts["budget"]
+    truths = [v.label[0] for v in test_vols]
+    res: dict[str, dict[int, float]] = {k: {} for k in inits}
+    per_class: dict[str, dict[int, Any]] = {k: {} for k in inits}
+    example: dict[str, np.ndarray] = {"truth": truths[0]}
+    for n in counts:
+        for init, make in inits.items():
+            torch.manual_seed(ctx.seed)  # the same decoder initialisation for both
+            net = PyramidUNet(make(), num_classes, opts["full_resolution"])
+            finetune(net, train_vols[:n], num_classes, budget, ctx.seed)
+            preds = [predict(net, v.image, budget.crop) for v in test_vols]
+            d = dice_per_class(preds, truths, num_classes)
+            res[init][n] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
+            per_class[init][n] = [None if not np.isfinite(x) else float(x) for x in d]
+            if n == max(counts):
+                example[f"{init}, {n} labelled"] = preds[0]
+    return res, per_class, example
+
+
+def _set_metrics(
+    lab: str,
+    class_names: list[str],
+    chosen: list[str],
+    counts: list[int],
+    res: dict[str, dict[int, float]],
+    per_class: dict[str, dict[int, Any]],
+) -> dict[str, Any]:
+    """One label set's entry of ``metrics.json``."""
+    return {
+        "label_map": lab,
+        "classes": class_names,
+        "finetune_subjects": {str(n): chosen[:n] for n in counts},
+        "mean_dice": {init: {str(n): v for n, v in r.items()} for init, r in res.items()},
+        "dice_per_class": {
+            init: {str(n): v for n, v in r.items()} for init, r in per_class.items()
+        },
+    }
+
+
 @register_task("segmentation", applies=_applies, default=False)  # minutes: asked for by name
 def segmentation_task(ctx: EvalContext) -> TaskResult:
     """Fine-tune pretrained vs scratch U-Nets on 1 and 3 labelled subjects; Dice on held-out."""
@@ -354,42 +422,15 @@ def segmentation_task(ctx: EvalContext) -> TaskResult:
     for name, (lab, pool) in sets.items():
         counts = [n for n in opts["subjects"] if n <= len(pool)] or [len(pool)]
         chosen = pool[: max(counts)]
-        if name == TISSUE_LABEL:
-            mapping = None
-            values = sorted(
-                {
-                    int(v)
-                    for s in [*chosen, *ctx.subjects]
-                    for v in np.unique(ctx.cache[s].label(lab))
-                }
-            )
-            num_classes = max(values) + 1
-            class_names = _tissue_names(num_classes)
-        else:
-            regions = largest_regions(ctx.cache, chosen, lab, opts["regions"])
-            if not regions:
-                continue
-            mapping = {r: i + 1 for i, r in enumerate(regions)}
-            num_classes = len(regions) + 1
-            names = atlas_names(lab)
-            class_names = ["background", *(names.get(r, str(r)) for r in regions)]
+        classes = _classes(ctx, name, lab, chosen, opts["regions"])
+        if classes is None:
+            continue
+        mapping, num_classes, class_names = classes
         train_vols = load_volumes(ctx.cache, chosen, lab, mapping, budget.crop)
         test_vols = load_volumes(ctx.cache, ctx.subjects, lab, mapping, budget.crop)
-        truths = [v.label[0] for v in test_vols]
-        res: dict[str, dict[int, float]] = {k: {} for k in inits}
-        per_class: dict[str, dict[int, list[float | None]]] = {k: {} for k in inits}
-        example: dict[str, np.ndarray] = {"truth": truths[0]}
-        for n in counts:
-            for init, make in inits.items():
-                torch.manual_seed(ctx.seed)  # the same decoder initialisation for both
-                net = PyramidUNet(make(), num_classes, opts["full_resolution"])
-                finetune(net, train_vols[:n], num_classes, budget, ctx.seed)
-                preds = [predict(net, v.image, budget.crop) for v in test_vols]
-                d = dice_per_class(preds, truths, num_classes)
-                res[init][n] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
-                per_class[init][n] = [None if not np.isfinite(x) else float(x) for x in d]
-                if n == max(counts):
-                    example[f"{init}, {n} labelled"] = preds[0]
+        res, per_class, example = _finetune_all(
+            ctx, inits, counts, train_vols, test_vols, num_classes, opts
+        )
         all_res[name] = res
         header = ["initialisation", *(f"Dice, {n} labelled" for n in counts)]
         rows = [[init, *(res[init][n] for n in counts)] for init in inits]
@@ -411,31 +452,19 @@ def segmentation_task(ctx: EvalContext) -> TaskResult:
             f"<b>{name}</b> (label map '{lab}'; classes {', '.join(class_names[1:])}): "
             f"fine-tuned on {', '.join(chosen[: max(counts)])}."
         )
-        metrics["label_sets"][name] = {
-            "label_map": lab,
-            "classes": class_names,
-            "finetune_subjects": {str(n): chosen[:n] for n in counts},
-            "mean_dice": {init: {str(n): v for n, v in r.items()} for init, r in res.items()},
-            "dice_per_class": {
-                init: {str(n): v for n, v in r.items()} for init, r in per_class.items()
-            },
-        }
+        metrics["label_sets"][name] = _set_metrics(lab, class_names, chosen, counts, res, per_class)
     metrics["seconds"] = time.perf_counter() - t0
     if all_res:
         figures.insert(0, ("Held-out mean Dice against labelled subjects", _figure(all_res)))
-    section = Section(
-        "Label-efficient segmentation",
-        text=(
-            "A U-Net (the encoder's pyramid as down path; MONAI UnetUpBlock decoder) is "
-            f"fine-tuned for {budget.steps} steps of {budget.batch} crops of {budget.crop}^3 "
-            f"voxels (AdamW, lr {budget.lr:g}, MONAI DiceCELoss) from the checkpoint's encoder "
-            "or from scratch, with the same crops and decoder initialisation; Dice (MONAI "
-            "DiceMetric, foreground classes, classes absent from a subject skipped) on the "
-            f"held-out subjects {', '.join(ctx.subjects)}. " + " ".join(sections_text)
-        ),
-        tables=tables,
-        figures=figures,
+    text = (
+        "A U-Net (the encoder's pyramid as down path; MONAI UnetUpBlock decoder) is "
+        f"fine-tuned for {budget.steps} steps of {budget.batch} crops of {budget.crop}^3 "
+        f"voxels (AdamW, lr {budget.lr:g}, MONAI DiceCELoss) from the checkpoint's encoder "
+        "or from scratch, with the same crops and decoder initialisation; Dice (MONAI "
+        "DiceMetric, foreground classes, classes absent from a subject skipped) on the "
+        f"held-out subjects {', '.join(ctx.subjects)}. " + " ".join(sections_text)
     )
+    section = Section("Label-efficient segmentation", text=text, tables=tables, figures=figures)
     return TaskResult(metrics, [section])
 
 

@@ -168,7 +168,7 @@ def location_figure(volumes: list[VolumeObservables]) -> plt.Figure:
 
 def training_curves(run_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``train/gap_error_mm`` and ``train/location_error_mm`` against step from the CSV log."""
-    from anatomap.train.pretrain import read_metrics
+    from anatomap.checkpoint import read_metrics
 
     rows = read_metrics(run_dir)
     curves = {}

@@ -20,6 +20,7 @@ from anatomap.data.cache import Cache
 from anatomap.eval.report import Section
 from anatomap.models.encoders import Encoder, EncoderSpec, build_encoder
 from anatomap.objectives.base import Objective
+from anatomap.registry import Registry
 
 
 @dataclass
@@ -91,7 +92,11 @@ class Task:
     strict: bool = False  # True: never runs where ``applies`` is False, even when named
 
 
-_TASKS: dict[str, Task] = {}
+def _load_builtins() -> None:
+    import anatomap.eval  # noqa: F401  (registers the built-in tasks)
+
+
+TASKS: Registry[Task] = Registry("evaluation task", builtins=_load_builtins)
 
 
 def register_task(
@@ -100,31 +105,26 @@ def register_task(
     default: bool = True,
     strict: bool = False,
 ) -> Callable[[TaskFn], TaskFn]:
-    """Register a task. ``applies`` picks the checkpoints it runs on by default; a task named
-    explicitly runs anyway unless ``strict``. ``default=False`` keeps a costly task out of the
-    default selection."""
+    """Register a task (a name registered twice is an error). ``applies`` picks the
+    checkpoints it runs on by default; a task named explicitly runs anyway unless ``strict``.
+    ``default=False`` keeps a costly task out of the default selection."""
 
     def wrap(fn: TaskFn) -> TaskFn:
-        _TASKS[name] = Task(name, fn, applies or (lambda ctx: True), default, strict)
+        TASKS.add(name, Task(name, fn, applies or (lambda ctx: True), default, strict))
         return fn
 
     return wrap
 
 
-def list_tasks(default_only: bool = False) -> list[str]:
-    """Registered task names (``default_only``: those run when no tasks are named)."""
-    import anatomap.eval  # noqa: F401  (registers the built-in tasks)
-
-    return [n for n, t in _TASKS.items() if t.default or not default_only]
+def list_tasks(default_only: bool = False, filter: str | None = None) -> list[str]:
+    """Registered task names in registration order (``default_only``: those run when no
+    tasks are named; ``filter``: fnmatch pattern such as ``"land*"``)."""
+    return [n for n, t in TASKS.items(filter) if t.default or not default_only]
 
 
 def get_task(name: str) -> Task:
-    from anatomap.errors import ConfigError
-
-    list_tasks()
-    if name not in _TASKS:
-        raise ConfigError(f"unknown evaluation task '{name}'; available: {', '.join(_TASKS)}")
-    return _TASKS[name]
+    """The task registered as ``name`` (unknown: :class:`ConfigError` listing them)."""
+    return TASKS.get(name)
 
 
 def random_encoder(spec: EncoderSpec, seed: int = 0) -> Encoder:

@@ -30,7 +30,7 @@ from anatomap.data.volume import Volume
 from anatomap.errors import AnatomapError, CheckpointError
 from anatomap.io import read_volume
 from anatomap.models.encoders import Encoder
-from anatomap.objectives.base import Objective
+from anatomap.objectives.base import DenseObjective
 
 EMBEDDING_SUFFIX = ".emb.safetensors"
 
@@ -49,8 +49,10 @@ class DenseEmbedding:
     image_affine: np.ndarray | None = None
 
     def save(self, path: str | Path) -> Path:
+        """Write ``.emb.safetensors`` (float16 maps, affines as metadata) atomically."""
+        from anatomap.io.atomic import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         info = {
             "coarse_affine": self.coarse_affine.tolist(),
             "fine_affine": self.fine_affine.tolist(),
@@ -59,14 +61,13 @@ class DenseEmbedding:
             "image_affine": None if self.image_affine is None else self.image_affine.tolist(),
             "meta": self.meta,
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            # float16 halves the files; unit vectors lose < 1e-3 in cosine similarity.
-            {"coarse": self.coarse.half().contiguous(), "fine": self.fine.half().contiguous()},
-            str(tmp),
-            metadata={"anatomap": json.dumps(info)},
-        )
-        tmp.replace(path)
+        with atomic_path(path, what="embedding") as tmp:
+            save_file(
+                # float16 halves the files; unit vectors lose < 1e-3 in cosine similarity.
+                {"coarse": self.coarse.half().contiguous(), "fine": self.fine.half().contiguous()},
+                str(tmp),
+                metadata={"anatomap": json.dumps(info)},
+            )
         return path
 
     @classmethod
@@ -96,7 +97,7 @@ class DenseModel:
     """A checkpoint whose objective produces dense coarse/fine maps (SAM and its kin)."""
 
     def __init__(
-        self, encoder: Encoder, objective: Objective, ckpt: LoadedCheckpoint | None = None
+        self, encoder: Encoder, objective: DenseObjective, ckpt: LoadedCheckpoint | None = None
     ) -> None:
         self.ckpt = ckpt
         self.encoder = encoder.eval()
@@ -108,7 +109,7 @@ class DenseModel:
     def from_checkpoint(cls, path: str | Path) -> DenseModel:
         ckpt = load_checkpoint(path)
         objective = load_objective(ckpt)
-        if not getattr(objective, "dense_output", False):
+        if not isinstance(objective, DenseObjective):
             raise CheckpointError(
                 f"{ckpt.path}: trained with '{ckpt.meta['objective']}', which gives no dense "
                 "per-voxel embeddings; embed/match need a dense checkpoint (e.g. sam)"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from torch import nn
 
 from anatomap.checkpoint import load_checkpoint
 from anatomap.errors import AnatomapError
+from anatomap.io.atomic import atomic_path, atomic_write_json
 from anatomap.models.encoders import Encoder
 
 FORMAT = "anatomap-export"
@@ -316,10 +316,42 @@ def _sidecar(out: Path) -> Path:
     return out.with_suffix(".json")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _save_torchscript(
+    encoder: Encoder, size: int | None, info: dict[str, Any], path: Path
+) -> tuple[int, dict[str, Any]]:
+    """Trace ``encoder`` into ``path`` (``info`` updated and embedded); matched, not exported."""
+    module = to_torchscript(encoder, size)
+    info.update(
+        {
+            "outputs": ["features", "pooled"],
+            "traced_size": list(example_size(encoder, size)),
+            "matched": len(encoder.state_dict()),
+            "not_exported": {},
+        }
+    )
+    torch.jit.save(module, str(path), _extra_files={"anatomap.json": json.dumps(info)})
+    return len(encoder.state_dict()), {}
+
+
+def _save_monai(
+    encoder: Encoder, to: str, out_channels: int | None, seed: int, info: dict, path: Path
+) -> tuple[int, dict[str, Any]]:
+    """Transfer ``encoder`` into the MONAI network ``to``, saved to ``path`` (safetensors)."""
+    tr = transfer(encoder, to, seed=seed, out_channels=out_channels)
+    info.update(
+        {
+            "network": f"monai.networks.nets.{tr.network_class}",
+            "kwargs": tr.kwargs,
+            "seed": seed,
+            "pretrained_keys": sorted(tr.key_map.values()),
+            "key_map": tr.key_map,
+            "not_exported": tr.not_exported,
+            "matched": len(tr.key_map),
+        }
+    )
+    state = {k: v.detach().contiguous() for k, v in tr.network.state_dict().items()}
+    save_file(state, str(path), metadata={"format": FORMAT, "network": info["network"]})
+    return len(tr.key_map), tr.not_exported
 
 
 def export_checkpoint(
@@ -337,7 +369,6 @@ def export_checkpoint(
     ckpt = load_checkpoint(checkpoint)
     encoder = ckpt.encoder.eval()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = ckpt.meta.get("data", {})
     info: dict[str, Any] = {
         "format": FORMAT,
@@ -356,38 +387,12 @@ def export_checkpoint(
             "size_multiple": int(max(encoder.pyramid_strides)),
         },
     }
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if to == "torchscript":
-        module = to_torchscript(encoder, size)
-        info.update(
-            {
-                "outputs": ["features", "pooled"],
-                "traced_size": list(example_size(encoder, size)),
-                "matched": len(encoder.state_dict()),
-                "not_exported": {},
-            }
-        )
-        torch.jit.save(module, str(tmp), _extra_files={"anatomap.json": json.dumps(info)})
-        matched, not_exported = len(encoder.state_dict()), {}
-    else:
-        kw: dict[str, Any] = {"out_channels": out_channels}
-        tr = transfer(encoder, to, seed=seed, **kw)
-        info.update(
-            {
-                "network": f"monai.networks.nets.{tr.network_class}",
-                "kwargs": tr.kwargs,
-                "seed": seed,
-                "pretrained_keys": sorted(tr.key_map.values()),
-                "key_map": tr.key_map,
-                "not_exported": tr.not_exported,
-                "matched": len(tr.key_map),
-            }
-        )
-        state = {k: v.detach().contiguous() for k, v in tr.network.state_dict().items()}
-        save_file(state, str(tmp), metadata={"format": FORMAT, "network": info["network"]})
-        matched, not_exported = len(tr.key_map), tr.not_exported
-    os.replace(tmp, out)
-    _atomic_write_text(_sidecar(out), json.dumps(info, indent=2))
+    with atomic_path(out, what="export") as tmp:  # a failed export leaves no temporary file
+        if to == "torchscript":
+            matched, not_exported = _save_torchscript(encoder, size, info, tmp)
+        else:
+            matched, not_exported = _save_monai(encoder, to, out_channels, seed, info, tmp)
+    atomic_write_json(_sidecar(out), info, what="export sidecar")
     return ExportResult(out, _sidecar(out), to, matched, not_exported)
 
 

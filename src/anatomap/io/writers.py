@@ -1,14 +1,11 @@
 """Write :class:`~anatomap.data.volume.Volume` objects (NIfTI, NRRD, MetaImage, DICOM series).
 
-Files are written atomically: to a temporary name in the destination folder, then moved into
-place with :func:`os.replace`, so a failed write never leaves a half-written file behind.
+Files are written atomically through :mod:`anatomap.io.atomic` (a temporary sibling moved
+into place), so a failed write never leaves a half-written or temporary file behind.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -17,16 +14,15 @@ import numpy as np
 from anatomap import geometry
 from anatomap.data.volume import Volume
 from anatomap.errors import VolumeError
+from anatomap.io.atomic import atomic_folder, atomic_path
 from anatomap.io.readers import image_suffix
 
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _DS_MAX = 16  # DICOM decimal strings hold at most 16 characters
 
 
-def _temp_path(path: Path, suffix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def write_volume(volume: Volume, path: str | Path) -> Path:
@@ -50,20 +46,16 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
             array = array.astype(np.int32)
     if array.ndim not in (2, 3, 4):
         raise VolumeError(p, f"cannot write a {array.ndim}-D array")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(p, suffix)
-    try:
-        if suffix in (".nii", ".nii.gz"):
-            _write_nifti(array, volume.affine, tmp)
-        else:
-            _write_itk(array, volume.affine, tmp, p)
-        os.replace(tmp, p)
-    except VolumeError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        raise VolumeError(p, f"write failed: {' '.join(str(exc).split())[:200]}") from exc
+    with atomic_path(p, suffix, what="volume") as tmp:
+        try:
+            if suffix in (".nii", ".nii.gz"):
+                _write_nifti(array, volume.affine, tmp)
+            else:
+                _write_itk(array, volume.affine, tmp, p)
+        except VolumeError:
+            raise
+        except Exception as exc:
+            raise VolumeError(p, f"write failed: {_one_line(exc)}") from exc
     return p
 
 
@@ -155,8 +147,6 @@ def write_dicom_series(
     which must be free of shear. The folder must not exist or be empty; the series is written
     to a temporary sibling folder first and moved into place. Returns the files written.
     """
-    import SimpleITK as sitk
-
     dest = Path(folder)
     array = np.asarray(volume.array)
     if array.ndim != 3:
@@ -202,30 +192,33 @@ def write_dicom_series(
         ("0018|0050", _ds(img.GetSpacing()[2])),
         *rescale,
     ]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    with atomic_folder(dest, what="DICOM series") as tmp_dir:  # swaps out an empty `dest`
+        try:
+            names = _write_slices(img, common, series_uid, tmp_dir)
+        except VolumeError:
+            raise
+        except Exception as exc:
+            raise VolumeError(dest, f"DICOM write failed: {_one_line(exc)}") from exc
+    return [dest / n for n in names]
+
+
+def _write_slices(img, common: list[tuple[str, str]], series_uid: str, folder: Path) -> list[str]:
+    """Write each axial slice of the SimpleITK ``img`` as ``folder/NNNN.dcm``; the file names."""
+    import SimpleITK as sitk
+
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     names = []
-    try:
-        for k in range(img.GetDepth()):
-            piece = img[:, :, k]
-            for tag, value in common:
-                piece.SetMetaData(tag, value)
-            position = img.TransformIndexToPhysicalPoint((0, 0, k))
-            piece.SetMetaData("0020|0032", "\\".join(_ds(v) for v in position))
-            piece.SetMetaData("0020|0013", str(k + 1))
-            piece.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
-            name = f"{k:04d}.dcm"
-            writer.SetFileName(str(tmp_dir / name))
-            writer.Execute(piece)
-            names.append(name)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp_dir, dest)
-    except Exception as exc:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if isinstance(exc, VolumeError):
-            raise
-        raise VolumeError(dest, f"DICOM write failed: {' '.join(str(exc).split())[:200]}") from exc
-    return [dest / n for n in names]
+    for k in range(img.GetDepth()):
+        piece = img[:, :, k]
+        for tag, value in common:
+            piece.SetMetaData(tag, value)
+        position = img.TransformIndexToPhysicalPoint((0, 0, k))
+        piece.SetMetaData("0020|0032", "\\".join(_ds(v) for v in position))
+        piece.SetMetaData("0020|0013", str(k + 1))
+        piece.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        name = f"{k:04d}.dcm"
+        writer.SetFileName(str(folder / name))
+        writer.Execute(piece)
+        names.append(name)
+    return names

@@ -24,6 +24,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
 from anatomap.errors import ConfigError
+from anatomap.registry import Registry
 
 
 class EncoderOutput(NamedTuple):
@@ -154,23 +155,17 @@ class Encoder(nn.Module):
 
 
 EncoderFactory = Callable[[EncoderSpec], Encoder]
-_ENCODERS: dict[str, EncoderFactory] = {}
+ENCODERS: Registry[EncoderFactory] = Registry("encoder")  # built-ins are registered below
 
 
 def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
-    """Decorator: register a factory ``spec -> Encoder`` under ``name``."""
-
-    def wrap(fn: EncoderFactory) -> EncoderFactory:
-        if name in _ENCODERS:
-            raise ValueError(f"encoder '{name}' registered twice")
-        _ENCODERS[name] = fn
-        return fn
-
-    return wrap
+    """Decorator: register a factory ``spec -> Encoder`` under ``name`` (once)."""
+    return ENCODERS.register(name)
 
 
-def list_encoders() -> list[str]:
-    return sorted(_ENCODERS)
+def list_encoders(filter: str | None = None) -> list[str]:
+    """Registered encoder names, sorted (``filter``: fnmatch pattern such as ``"swin*"``)."""
+    return ENCODERS.names(filter)
 
 
 def build_encoder(spec: EncoderSpec) -> Encoder:
@@ -179,10 +174,7 @@ def build_encoder(spec: EncoderSpec) -> Encoder:
     The generic options ``modality_fusion`` (``stack`` | ``mean``) and ``stem_channels``
     (``mean`` only, default 16) are handled here for every encoder.
     """
-    if spec.name not in _ENCODERS:
-        raise ConfigError(
-            f"unknown encoder '{spec.name}'; registered: {', '.join(list_encoders())}"
-        )
+    factory = ENCODERS.get(spec.name)
     opts = dict(spec.options)
     fusion = str(opts.pop("modality_fusion", "stack"))
     stem = opts.pop("stem_channels", 16)
@@ -196,7 +188,7 @@ def build_encoder(spec: EncoderSpec) -> Encoder:
     else:
         inner = EncoderSpec(spec.name, spec.spatial_dims, spec.in_channels, spec.embed_dim, opts)
     try:
-        enc = _ENCODERS[spec.name](inner)
+        enc = factory(inner)
     except TypeError as exc:
         raise ConfigError(f"encoder '{spec.name}': bad options {spec.options}: {exc}") from None
     enc.spec = spec

@@ -32,17 +32,19 @@ weight decay.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import CrossAttentionBlock, MLPBlock
 from pydantic import Field, model_validator
 from torch import nn
 
+from anatomap.data.pairs import MinedPairDataset, MinedPairs, MiningRequest
 from anatomap.data.sampler import IntensityAugment, ViewSpec
 from anatomap.errors import ConfigError
+from anatomap.models.ema import ema_momentum, ema_update
 from anatomap.models.encoders import Encoder
+from anatomap.models.heads import ProjectionHead
 from anatomap.objectives.alice_losses import (
     apply_mask,
     distillation_ce,
@@ -52,12 +54,8 @@ from anatomap.objectives.alice_losses import (
     teacher_temperature,
     updated_center,
 )
-from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
+from anatomap.objectives.base import Objective, ObjectiveParams, batch_generator, flatten_views
 from anatomap.objectives.registry import register_objective
-from anatomap.objectives.spatial_aware import ema_momentum, ema_update
-
-if TYPE_CHECKING:
-    from anatomap.infer.mining import MinedPairs
 
 
 class AliceConfig(ObjectiveParams):
@@ -103,26 +101,6 @@ class AliceConfig(ObjectiveParams):
         if self.cafa_dim % self.cafa_heads:
             raise ValueError(f"cafa_dim {self.cafa_dim} is not divisible by {self.cafa_heads}")
         return self
-
-
-class ProjectionHead(nn.Module):
-    """DINO head: MLP -> L2-normalised bottleneck -> cosine prototype layer (the weight-
-    normalised last layer of DINO with its gain fixed to 1). Logits lie in [-1, 1]."""
-
-    def __init__(self, in_dim: int, hidden: int, bottleneck: int, out_dim: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, bottleneck),
-        )
-        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(self.mlp(x), dim=-1)
-        return z @ F.normalize(self.prototypes, dim=-1).T
 
 
 class CAFA(nn.Module):
@@ -207,14 +185,10 @@ class Alice(Objective):
         )
 
     @classmethod
-    def mined_pairs(
-        cls, config: AliceConfig, cache: Any, subjects: list[str], seed: int
-    ) -> MinedPairs | None:
-        """Mine (or read back) the view pairs of the training ``subjects``; ``None`` without a
-        SAM checkpoint (allowed for same-volume views only)."""
-        from anatomap.infer.mining import load_or_mine
-
-        c = config
+    def mining_request(cls, config: ObjectiveParams) -> MiningRequest | None:
+        """The cross-volume pairs to mine with the SAM checkpoint before training; ``None``
+        without one (allowed for same-volume views only)."""
+        c: AliceConfig = config  # type: ignore[assignment]
         if c.sam_checkpoint is None:
             if c.cross_volume:
                 raise ConfigError(
@@ -222,17 +196,13 @@ class Alice(Objective):
                     "objective.cross_volume=false)"
                 )
             return None
-        return load_or_mine(
-            cache,
-            subjects,
+        return MiningRequest(
             c.sam_checkpoint,
             c.mining_dir,
             pairs_per_subject=c.mine_pairs_per_subject,
             threshold=c.mine_threshold,
             max_tries=c.mine_tries,
-            seed=seed,
             window=c.mine_window,
-            progress=True,
         )
 
     @classmethod
@@ -244,13 +214,11 @@ class Alice(Objective):
         spec: ViewSpec,
         samples_per_epoch: int,
         seed: int,
+        pairs: MinedPairs | None = None,
     ) -> Any:
-        """Mined cross-volume pairs (or same-volume views around the mined points of A, for
-        the ablation); mining runs here, before training, or is read back from its folder."""
-        from anatomap.infer.mining import MinedPairDataset
-
+        """Views around the mined cross-volume ``pairs`` (or same-volume views around the
+        points of A, for the ablation; random foreground points without pairs)."""
         c: AliceConfig = config  # type: ignore[assignment]
-        pairs = cls.mined_pairs(c, cache, subjects, seed)
         return MinedPairDataset(
             cache, subjects, spec, samples_per_epoch, seed, pairs, cross_volume=c.cross_volume
         )
@@ -271,7 +239,7 @@ class Alice(Objective):
         p = c.patch_size
         grid = tuple(s // p for s in x.shape[2:])
         masking = c.mim_weight > 0 or c.cafa_weight > 0
-        gen = torch.Generator().manual_seed(int(batch["affine"].sum().item() * 1e3) % 2**31)
+        gen = batch_generator(batch)
         mask = random_patch_mask(len(x), grid, c.mask_ratio if masking else 0.0, gen, x.device)
         x_in = apply_mask(x, mask, p, self.mask_value) if masking else x
 

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from anatomap.errors import ConfigError
+from anatomap.registry import Registry
+from anatomap.validation import validate_model
 
 if TYPE_CHECKING:
-    from anatomap.config import ObjectiveConfig
-    from anatomap.objectives.base import Objective
-
-_OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
-    """Class decorator: register an :class:`Objective` subclass under ``name``."""
-
-    def wrap(cls: type[Objective]) -> type[Objective]:
-        if name in _OBJECTIVES:
-            raise ValueError(f"objective '{name}' registered twice")
-        cls.name = name
-        _OBJECTIVES[name] = cls
-        return cls
-
-    return wrap
+    from anatomap.objectives.base import Objective, ObjectiveParams
 
 
 def _load_builtins() -> None:
@@ -32,25 +20,37 @@ def _load_builtins() -> None:
     import anatomap.objectives  # noqa: F401
 
 
-def list_objectives() -> list[str]:
-    _load_builtins()
-    return sorted(_OBJECTIVES)
+OBJECTIVES: Registry[type[Objective]] = Registry("objective", builtins=_load_builtins)
+
+
+def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    """Class decorator: register an :class:`Objective` subclass under ``name`` (once)."""
+
+    def wrap(cls: type[Objective]) -> type[Objective]:
+        OBJECTIVES.add(name, cls)
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def list_objectives(filter: str | None = None) -> list[str]:
+    """Registered method names, sorted (``filter``: fnmatch pattern such as ``"s*"``)."""
+    return OBJECTIVES.names(filter)
 
 
 def get_objective(name: str) -> type[Objective]:
-    _load_builtins()
-    if name not in _OBJECTIVES:
-        raise ConfigError(
-            f"unknown objective '{name}'; registered: {', '.join(sorted(_OBJECTIVES))}"
-        )
-    return _OBJECTIVES[name]
+    """The method registered as ``name`` (unknown: :class:`ConfigError` listing them)."""
+    return OBJECTIVES.get(name)
 
 
-def objective_config(cfg: ObjectiveConfig | dict[str, Any], source: str = "config") -> Any:
-    """Validate the method's own parameters (everything in the section but ``name``)."""
-    from anatomap.config import validate_model
+def objective_config(cfg: BaseModel | Mapping[str, Any], source: str = "config") -> ObjectiveParams:
+    """Validate a method's own parameters (everything in the section but ``name``).
 
-    data = dict(cfg) if isinstance(cfg, dict) else cfg.model_dump()
+    A loaded :class:`~anatomap.config.RunConfig` already holds them, validated once
+    (``cfg.objective_params``); this is for other sources (a checkpoint's ``meta.json``).
+    """
+    data = cfg.model_dump() if isinstance(cfg, BaseModel) else dict(cfg)
     name = data.pop("name", "isimed")
     cls = get_objective(name)
     try:

@@ -16,18 +16,18 @@ both directions (view 0 -> 1 and 1 -> 0) are used.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
 from pydantic import Field
-from torch import nn
 
 from anatomap import geometry
-from anatomap.data.sampler import IntensityAugment, ViewSpec
 from anatomap.models.encoders import Encoder
-from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
+from anatomap.objectives.base import (
+    DenseObjective,
+    ObjectiveParams,
+    batch_generator,
+    flatten_views,
+)
 from anatomap.objectives.registry import register_objective
 
 # ----------------------------------------------------------------------------- pure losses
@@ -110,71 +110,12 @@ class SAMConfig(ObjectiveParams):
     coarse_global_negatives: int = Field(default=256, ge=0, description="from other volumes")
 
 
-class DenseHeads(nn.Module):
-    """FPN over the encoder pyramid, then a 1x1x1 projection per head (L2-normalised)."""
-
-    def __init__(self, encoder: Encoder, cfg: SAMConfig) -> None:
-        super().__init__()
-        n = len(encoder.pyramid_channels)
-        if not cfg.fine_level < n or not cfg.coarse_level < n:
-            raise ValueError(f"encoder has {n} pyramid levels; fine/coarse levels out of range")
-        self.levels = sorted({cfg.fine_level, cfg.coarse_level})
-        self.use = list(range(min(self.levels), n))
-        d = encoder.spatial_dims
-        self.fpn = FeaturePyramidNetwork(
-            d, [encoder.pyramid_channels[i] for i in self.use], cfg.fpn_channels
-        )
-        conv = nn.Conv3d if d == 3 else nn.Conv2d
-        # The FPN's own 3x3 output convolutions already mix neighbourhoods: 1x1 heads.
-        self.fine = conv(cfg.fpn_channels, cfg.embed_dim, 1)
-        self.coarse = conv(cfg.fpn_channels, cfg.embed_dim, 1)
-        self.fine_level = cfg.fine_level
-        self.coarse_level = cfg.coarse_level
-
-    def forward(self, pyramid: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = OrderedDict((str(i), pyramid[i]) for i in self.use)
-        out = self.fpn(feats)
-        coarse = F.normalize(self.coarse(out[str(self.coarse_level)]), dim=1)
-        fine = F.normalize(self.fine(out[str(self.fine_level)]), dim=1)
-        return coarse, fine
-
-
 @register_objective("sam")
-class SAM(Objective):
+class SAM(DenseObjective):
     """Coarse-to-fine pixel-wise contrastive learning on two overlapping views."""
 
     Config = SAMConfig
     config: SAMConfig
-    dense_output = True
-
-    def __init__(self, config: SAMConfig, encoder: Encoder) -> None:
-        super().__init__(config, encoder)
-        self.heads = DenseHeads(encoder, config)
-        self.strides = (
-            encoder.pyramid_strides[config.coarse_level],
-            encoder.pyramid_strides[config.fine_level],
-        )
-
-    def view_spec(self) -> ViewSpec:
-        c = self.config
-        return ViewSpec(
-            num_views=2,
-            size=(c.crop_size,) * self.spatial_dims,
-            scale=c.scale,
-            foreground=True,
-            min_overlap=c.min_overlap,
-            max_tries=100,
-            intensity=IntensityAugment() if c.augment else None,
-        )
-
-    def dense(self, encoder: Encoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coarse and fine embedding maps ``[B, D, *s]`` (unit length along D)."""
-        return self.heads(encoder.pyramid(images))
-
-    def embed(self, encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
-        """Crop embedding for the position readout: the mean coarse embedding of the crop."""
-        coarse, _ = self.dense(encoder, images)
-        return F.normalize(coarse.flatten(2).mean(-1), dim=-1)
 
     def forward(self, encoder: Encoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images = batch["image"]
@@ -185,7 +126,7 @@ class SAM(Objective):
         affines = batch["affine"].to(torch.float64)
         c_aff = geometry.feature_affine(affines, self.strides[0])
         f_aff = geometry.feature_affine(affines, self.strides[1])
-        gen = torch.Generator(device="cpu").manual_seed(int(affines.sum().item() * 1e3) % 2**31)
+        gen = batch_generator(batch)
         fine_losses, coarse_losses = [], []
         for i in range(b):
             for a, o in ((0, 1), (1, 0)):

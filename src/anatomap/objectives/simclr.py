@@ -12,19 +12,12 @@ from __future__ import annotations
 import torch
 from monai.losses import ContrastiveLoss
 from pydantic import Field
-from torch import nn
 
 from anatomap.data.sampler import IntensityAugment, ViewSpec
 from anatomap.models.encoders import Encoder
+from anatomap.models.heads import projector
 from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
 from anatomap.objectives.registry import register_objective
-
-
-def projector(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """The SimCLR projection MLP (Linear-ReLU-Linear)."""
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
-    )
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from typing import Literal
 
 import torch
@@ -49,6 +48,7 @@ from torch import nn
 from anatomap import geometry
 from anatomap.data.sampler import ViewSpec
 from anatomap.errors import ConfigError
+from anatomap.models.ema import ema_momentum, ema_update
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
 from anatomap.objectives.registry import register_objective
@@ -179,21 +179,6 @@ def route_loss(
     return F.smooth_l1_loss(
         route_sums(pred_gaps, routes), route_sums(target_gaps, routes), beta=beta
     )
-
-
-def ema_momentum(step: int, max_steps: int, start: float = 0.99, end: float = 1.0) -> float:
-    """Cosine schedule from ``start`` (step 0) to ``end`` (step ``max_steps``), as in BYOL."""
-    frac = min(max(step / max(1, max_steps), 0.0), 1.0)
-    return end - (end - start) * (math.cos(math.pi * frac) + 1.0) / 2.0
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``ema <- momentum * ema + (1 - momentum) * online`` for parameters; buffers copied."""
-    for e, o in zip(ema.parameters(), online.parameters(), strict=True):
-        e.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
-    for e, o in zip(ema.buffers(), online.buffers(), strict=True):
-        e.copy_(o)
 
 
 # --------------------------------------------------------------------------------------------

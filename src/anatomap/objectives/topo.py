@@ -35,21 +35,10 @@ from pydantic import Field
 from anatomap import geometry
 from anatomap.geometry import sample_map
 from anatomap.models.encoders import Encoder
-from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
+from anatomap.objectives.base import DenseObjective, ObjectiveParams, batch_generator, flatten_views
 from anatomap.objectives.registry import register_objective
-from anatomap.objectives.sam import SAM, DenseHeads
 
 # ----------------------------------------------------------------------------- pure pieces
-
-
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``1 - cos`` between rows: ``a [N, D]``, ``b [N, D]`` -> ``[N]``; ``b [N, K, D]`` ->
-    ``[N, K]``; ``b [M, D]`` with ``a [N, D]`` and ``N != M`` is not accepted (use ``@``)."""
-    a = F.normalize(a, dim=-1)
-    b = F.normalize(b, dim=-1)
-    if b.ndim == 3:
-        return 1.0 - torch.einsum("nd,nkd->nk", a, b)
-    return 1.0 - (a * b).sum(-1)
 
 
 @dataclass
@@ -263,26 +252,15 @@ def modality_subsets(
 
 
 @register_objective("topo")
-class Topo(Objective):
+class Topo(DenseObjective):
     """Cross-modal triplet + neighbourhood order + inter-instance partial alignment."""
 
     Config = TopoConfig
     config: TopoConfig
-    dense_output = True
 
     def __init__(self, config: TopoConfig, encoder: Encoder) -> None:
         super().__init__(config, encoder)
-        self.heads = DenseHeads(encoder, config)  # type: ignore[arg-type]
-        self.strides = (
-            encoder.pyramid_strides[config.coarse_level],
-            encoder.pyramid_strides[config.fine_level],
-        )
         self.step = 0  # set by on_after_step; not part of the checkpoint
-
-    # Same views, dense maps and crop embedding as SAM (the heads are SAM's DenseHeads).
-    view_spec = SAM.view_spec
-    dense = SAM.dense
-    embed = SAM.embed
 
     def on_after_step(self, encoder: Encoder, step: int, max_steps: int) -> None:
         self.step = step
@@ -292,7 +270,7 @@ class Topo(Objective):
         images = batch["image"]
         b, v, ch = images.shape[:3]
         affines = batch["affine"].to(torch.float64)
-        gen = torch.Generator(device="cpu").manual_seed(int(affines.sum().item() * 1e3) % 2**31)
+        gen = batch_generator(batch)
         present = batch.get("modality_mask")
         if present is None:
             present = torch.ones(b, ch, dtype=torch.bool)

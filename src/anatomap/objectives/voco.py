@@ -24,9 +24,9 @@ from pydantic import Field
 from anatomap import geometry
 from anatomap.data.sampler import ViewSpec
 from anatomap.models.encoders import Encoder
+from anatomap.models.heads import projector
 from anatomap.objectives.base import Objective, ObjectiveParams, flatten_views
 from anatomap.objectives.registry import register_objective
-from anatomap.objectives.simclr import projector
 
 
 def overlap_prediction_loss(similarity: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:

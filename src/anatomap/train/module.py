@@ -19,8 +19,9 @@ from anatomap.config import RunConfig
 from anatomap.data.cache import Cache
 from anatomap.data.sampler import EpochSampler, LocatedViewDataset, SharedRingCollate
 from anatomap.errors import AnatomapError
+from anatomap.infer.mining import pairs_for
 from anatomap.models.encoders import EncoderSpec, build_encoder
-from anatomap.objectives.registry import get_objective, objective_config
+from anatomap.objectives.registry import get_objective
 from anatomap.train.resume import RESUME_FORMAT
 
 
@@ -116,9 +117,15 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.encoder = build_encoder(encoder_spec(cfg, in_channels))
-        params = objective_config(cfg.objective)
+        params = cfg.objective_params  # validated once, by load_config
         self.objective = get_objective(cfg.objective.name)(params, self.encoder)
         self.rank_fingerprints: list[str] = []
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Per-sample seeds stay on the host: objectives seed CPU generators from them.
+        if isinstance(batch, dict) and isinstance(batch.get("seed"), torch.Tensor):
+            batch["seed"] = batch["seed"].tolist()
+        return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.objective(self.encoder, batch)
@@ -186,14 +193,19 @@ class ViewDataModule(L.LightningDataModule):
     def __init__(self, cfg: RunConfig, cache: Cache, subjects: list[str], spec: Any) -> None:
         super().__init__()
         self.cfg = cfg
-        # An objective may supply its own dataset (Alice: mined cross-volume view pairs).
-        own = get_objective(cfg.objective.name).train_dataset(
-            objective_config(cfg.objective),
+        # An objective may ask for pairs mined before training (Alice: cross-volume views
+        # found with a SAM checkpoint) and supply its own dataset around them.
+        method = get_objective(cfg.objective.name)
+        params = cfg.objective_params
+        pairs = pairs_for(method.mining_request(params), cache, subjects, cfg.trainer.seed)
+        own = method.train_dataset(
+            params,
             cache,
             subjects,
             spec,
             cfg.data.samples_per_epoch,
             cfg.trainer.seed,
+            pairs=pairs,
         )
         self.dataset = (
             own

@@ -8,7 +8,6 @@ A run folder holds ``config.yaml`` (resolved), ``logs/metrics.csv`` and TensorBo
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from anatomap.checkpoint import save_checkpoint
 from anatomap.config import RunConfig, dump_config
-from anatomap.data.cache import Cache, atomic_write_json
+from anatomap.data.cache import Cache
 from anatomap.errors import AnatomapError
-from anatomap.io.atomic import atomic_write_text
-from anatomap.objectives.registry import objective_config
+from anatomap.io.atomic import atomic_write_json, atomic_write_text
 from anatomap.train.module import (
     PretrainModule,
     ViewDataModule,
@@ -96,7 +94,7 @@ def _meta(
 ) -> dict[str, Any]:
     return {
         "objective": cfg.objective.name,
-        "objective_config": objective_config(cfg.objective).model_dump(mode="json"),
+        "objective_config": cfg.objective_params.model_dump(mode="json"),
         "config": cfg.model_dump(mode="json"),
         "data": {
             "cache": str(cache.root.resolve()),
@@ -189,18 +187,3 @@ def pretrain(
         module.rank_fingerprints,
         trainer.is_global_zero,
     )
-
-
-def read_metrics(run: str | Path) -> list[dict[str, str]]:
-    """Rows of ``RUN/logs/metrics.csv`` (what the CSV logger wrote)."""
-    import csv
-
-    path = Path(run) / "logs" / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def load_run_meta(run: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run) / "run.json").read_text())

@@ -27,12 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from anatomap.config import ModelConfig, dump_config, load_config, validate_model
-from anatomap.data.cache import atomic_write_json
+from anatomap.config import (
+    ModelConfig,
+    apply_overrides,
+    config_path,
+    dump_config,
+    load_config,
+    read_yaml,
+)
 from anatomap.errors import AnatomapError, ConfigError
+from anatomap.io.atomic import atomic_write_json, atomic_write_text
+from anatomap.validation import validate_model
 
 RUNS = "{runs}"  # placeholder in per-method overrides: this benchmark's runs folder
 
@@ -81,22 +88,13 @@ def _merge(base: dict, extra: dict) -> dict:
 def load_benchmark_config(
     path: str | Path, overrides: list[str] | None = None, quick: bool = False
 ) -> BenchmarkConfig:
-    """Read a benchmark YAML (a path or a packaged name such as ``benchmark``)."""
-    from anatomap.api import config_path
-    from anatomap.config import _set_dotted, parse_overrides
-
+    """Read a benchmark YAML (a path or a packaged name such as ``benchmark``) with the run
+    config's loader: safe YAML, ``--quick`` block merged, ``key=value`` overrides, validation."""
     p = config_path(path)
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    tree = read_yaml(p)
     if quick:
         tree = _merge(tree, tree.get("quick") or {})
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, str(p))
-    return validate_model(BenchmarkConfig, tree, str(p))
+    return validate_model(BenchmarkConfig, apply_overrides(tree, overrides, str(p)), str(p))
 
 
 def select_methods(cfg: BenchmarkConfig, methods: list[str] | None = None) -> list[str]:
@@ -133,8 +131,6 @@ def method_config(
     cfg: BenchmarkConfig, method: str, cache: Path, heldout_file: Path | None, runs: Path
 ):
     """The method's recipe with the benchmark's data, encoder and budget (a RunConfig)."""
-    from anatomap.api import config_path
-
     try:
         path: Path | None = config_path(method)
     except ConfigError:
@@ -192,19 +188,16 @@ def train_child(config_yaml: Path, stats_json: Path, resume: bool) -> int:
         error = str(exc)
     wall = time.perf_counter() - t0
     kib = 1024.0  # ru_maxrss is in KiB on Linux
-    stats_json.write_text(
-        json.dumps(
-            {
-                "wall_s": wall,
-                "peak_rss_mb": peak_rss_mb(),
-                # Data workers are forked: their ru_maxrss starts at the trainer's RSS at fork
-                # time (shared pages included), so this is an upper bound of their own use.
-                "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
-                "steps": steps,
-                "error": error,
-            }
-        )
-    )
+    stats = {
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        # Data workers are forked: their ru_maxrss starts at the trainer's RSS at fork time
+        # (shared pages included), so this is an upper bound of their own use.
+        "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
+        "steps": steps,
+        "error": error,
+    }
+    atomic_write_json(stats_json, stats, what="run statistics")
     return 1 if error else 0
 
 
@@ -230,7 +223,7 @@ def train_method(run_cfg, log: Callable[[str], None] = print) -> RunStats:
     resume = (run / "lightning" / "last.ckpt").is_file()
     run.mkdir(parents=True, exist_ok=True)
     cfg_file = run / "benchmark_config.yaml"
-    cfg_file.write_text(dump_config(run_cfg))
+    atomic_write_text(cfg_file, dump_config(run_cfg), what="run config")
     seg = run / "benchmark_segment.json"
     seg.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "anatomap.workflows.benchmark", str(cfg_file), str(seg)]

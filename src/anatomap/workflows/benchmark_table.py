@@ -20,8 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from anatomap.data.cache import atomic_write_json
 from anatomap.eval.report import Section, write_page
+from anatomap.io.atomic import atomic_write_json
 
 RANDOM = "random init"
 
