@@ -1,0 +1,7 @@
+"""``python -m anatomap.cli``."""
+
+import sys
+
+from anatomap.cli import main
+
+sys.exit(main())
