@@ -49,6 +49,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SynthDataConfig(Strict):
+    """Train on synthetic subjects rendered on the fly (:mod:`anatomap.data.synth`); the cache
+    still supplies the held-out evaluation subjects (one channel, like the synthetic views)."""
+
+    labels: list[str] = Field(
+        default_factory=list,
+        description="label map, folder of binary masks or mask files; empty: the MNI152 brain",
+    )
+    label_spacing: float | None = Field(
+        default=None, gt=0, description="resample the label maps first (mm)"
+    )
+    landmarks: str = Field(default="dosenbach", description="brain landmarks: dosenbach | power")
+    reuse: int = Field(
+        default=1, ge=1, description="consecutive samples one rendered subject serves (batch size)"
+    )
+    generator: dict[str, Any] = Field(
+        default_factory=dict, description="SynthConfig fields (docs/synthetic.md)"
+    )
+
+    @field_validator("generator")
+    @classmethod
+    def _known_knobs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from anatomap.data.synth.config import SynthConfig
+
+        SynthConfig.model_validate(value)
+        return value
+
+
 class DataConfig(Strict):
     """Where the training volumes come from and how views are cut."""
 
@@ -59,6 +87,9 @@ class DataConfig(Strict):
     )
     samples_per_epoch: int = Field(default=256, gt=0)
     num_workers: int = Field(default=0, ge=0)
+    synth: SynthDataConfig | None = Field(
+        default=None, description="train on synthetic subjects generated on the fly"
+    )
 
 
 class ModelConfig(Strict):

@@ -91,3 +91,72 @@ def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cache)
+    _add_synth(dsub)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from anatomap.config import apply_overrides, read_yaml
+    from anatomap.data.synth import LabelSource, SynthConfig, write_synth_cohort
+    from anatomap.validation import validate_model
+
+    def config(path: Path | None, overrides: list[str]) -> SynthConfig:
+        source = str(path) if path else "synth config"
+        tree = apply_overrides(read_yaml(path) if path else {}, overrides, source)
+        return validate_model(SynthConfig, tree, source)
+
+    if args.labels:
+        source = LabelSource.from_files(
+            args.labels, image=args.image, landmarks=args.landmarks, spacing=args.label_spacing
+        )
+    else:
+        source = LabelSource.brain(args.landmark_set)
+    res = write_synth_cohort(
+        args.out,
+        args.n,
+        source,
+        config(args.config, args.overrides),
+        seed=args.seed,
+        n_heldout=args.heldout,
+        held_out_contrasts=[c for c in args.held_out_contrasts.split(",") if c],
+        heldout_config=config(args.heldout_config, []) if args.heldout_config else None,
+        modality=args.modality,
+        progress=not args.quiet,
+    )
+    print(
+        f"synthetic cohort {res.root}: {len(res.subjects)} subjects ({res.written} written, "
+        f"{res.reused} reused), {len(res.heldout)} held out (splits.csv); next: "
+        f"anatomap data index {res.root} --out {res.root / 'manifest.jsonl'}"
+    )
+    return 0
+
+
+def _add_synth(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``anatomap data synth``."""
+    p = dsub.add_parser(
+        "synth", help="write a domain-randomised synthetic cohort from label maps (SynthSeg)"
+    )
+    p.add_argument("out", type=Path, help="folder to write (images/ labels/ landmarks/ params/)")
+    p.add_argument("overrides", nargs="*", help="SynthConfig key=value, e.g. svf_max_mm=[12,6]")
+    p.add_argument("--n", type=int, default=100, help="number of subjects")
+    p.add_argument("--heldout", type=int, default=0, help="the last N subjects are held out")
+    p.add_argument(
+        "--held-out-contrasts",
+        default="",
+        help="comma-separated families only held-out subjects get, e.g. t2,pd,flair,ct",
+    )
+    p.add_argument("--config", type=Path, help="YAML of SynthConfig fields")
+    p.add_argument("--heldout-config", type=Path, help="SynthConfig YAML for held-out subjects")
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        help="label map, folder of binary masks (TotalSegmentator) or mask files; "
+        "default: the MNI152 brain",
+    )
+    p.add_argument("--image", help="real intensities on the label maps' grid")
+    p.add_argument("--landmarks", help="name,x,y,z CSV (default: one point per structure)")
+    p.add_argument("--label-spacing", type=float, help="resample the label maps first (mm)")
+    p.add_argument("--landmark-set", default="dosenbach", choices=("dosenbach", "power"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modality", default="synth", help="image modality name in file names")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_synth)

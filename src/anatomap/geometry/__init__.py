@@ -300,3 +300,23 @@ def sample_map(feature_map: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
         feature_map[None], grid.view(1, -1, 1, 1, 3), align_corners=True, mode="bilinear"
     )
     return F.normalize(out.view(feature_map.shape[0], -1).T, dim=-1)
+
+
+_FIELDS = (
+    "Diffeomorphism",
+    "DisplacementField",
+    "WorldMap",
+    "integrate_velocity",
+    "random_velocity",
+    "resample",
+)
+
+
+def __getattr__(name: str) -> object:
+    """The dense-field API of :mod:`anatomap.geometry.fields` (SVFs, exact world maps) also
+    as ``geometry.WorldMap`` etc., imported on first use."""
+    if name in _FIELDS:
+        from anatomap.geometry import fields
+
+        return getattr(fields, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -207,6 +207,8 @@ class ViewDataModule(L.LightningDataModule):
             cfg.trainer.seed,
             pairs=pairs,
         )
+        if own is None and cfg.data.synth is not None:
+            own = synth_dataset(cfg, spec)
         self.dataset = (
             own
             if own is not None
@@ -265,3 +267,23 @@ def heldout_subjects(cfg: RunConfig, config_dir: Path | None = None) -> list[str
                 if (row.get("split") or "").strip().lower() in ("heldout", "test", "val"):
                     out.append(row["subject"])
     return sorted(set(out))
+
+
+def synth_dataset(cfg: RunConfig, spec: Any) -> Any:
+    """``data.synth``: views of synthetic subjects rendered on the fly (docs/synthetic.md)."""
+    from anatomap.data.synth import LabelSource, SynthConfig, SynthViewDataset
+
+    s = cfg.data.synth
+    assert s is not None
+    if s.labels:
+        source = LabelSource.from_files(s.labels, spacing=s.label_spacing)
+    else:
+        source = LabelSource.brain(s.landmarks)
+    return SynthViewDataset(
+        source,
+        SynthConfig.model_validate(s.generator),
+        spec,
+        cfg.data.samples_per_epoch,
+        seed=cfg.trainer.seed,
+        reuse=s.reuse,
+    )
