@@ -6,6 +6,7 @@ docs/benchmarks.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -139,6 +140,7 @@ class TreeMemory:
     interval: float = 0.02
     anon: float = 0.0
     rss: float = 0.0
+    fds: int = 0  # most file descriptors open in any one of the processes
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -148,6 +150,8 @@ class TreeMemory:
             kb = _proc_kb(pid, ("RssAnon", "RssShmem", "VmRSS"))
             anon += kb["RssAnon"] + kb["RssShmem"]
             rss += kb["VmRSS"]
+            with contextlib.suppress(OSError):
+                self.fds = max(self.fds, len(os.listdir(f"/proc/{pid}/fd")))
         self.anon = max(self.anon, anon / 1024)
         self.rss = max(self.rss, rss / 1024)
 
@@ -186,14 +190,20 @@ class DemoData:
 
 
 def demo_cache(
-    folder: str | Path, n_subjects: int, spacing: float = 2.0, real: int | None = None
+    folder: str | Path,
+    n_subjects: int,
+    spacing: float = 2.0,
+    real: int | None = None,
+    link: bool = False,
 ) -> DemoData:
     """A cache of ``n_subjects`` demo subjects under ``folder`` (reused when present).
 
     ``real``: generate only that many subjects with the demo generator and cache them; the
     others are copies of their cached images (distinct files, so they take their own disk
-    and page-cache space; content does not change sampling cost). Without it every subject
-    is generated. Label maps are not copied.
+    and page-cache space; content does not change sampling cost). ``link``: hard links
+    instead of copies (distinct names and memory maps, but one inode per generated subject:
+    little disk, and the page cache does not grow with N). Without ``real`` every subject is
+    generated. Label maps are not copied.
     """
     from anatomap.data.cache import Cache, build_cache
     from anatomap.data.demo import build_demo
@@ -216,7 +226,8 @@ def demo_cache(
     if n_real == n_subjects:
         return DemoData(base / "cache", Cache(base / "cache").subjects, seconds)
 
-    out = root / f"copies_{n_subjects}_of_{n_real}_{spacing:g}mm"
+    kind = "links" if link else "copies"
+    out = root / f"{kind}_{n_subjects}_of_{n_real}_{spacing:g}mm"
     if not (out / "cache.json").is_file():
         t0 = time.perf_counter()
         src = Cache(base / "cache")
@@ -227,7 +238,10 @@ def demo_cache(
             folder_i = out / "subjects" / sid
             folder_i.mkdir(parents=True, exist_ok=True)
             for name in ("image.npy", "foreground.npy"):
-                shutil.copyfile(orig.root / name, folder_i / name)
+                if link:
+                    os.link(orig.root / name, folder_i / name)
+                else:
+                    shutil.copyfile(orig.root / name, folder_i / name)
             meta = {**orig.meta, "subject": sid, "labels": []}
             atomic_write_json(folder_i / "meta.json", meta)
             names.append(sid)

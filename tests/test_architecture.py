@@ -25,6 +25,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "infer": {"train", "eval", "workflows", "cli", "api"},
     "eval": {"train", "workflows", "cli", "api"},
     "train": {"eval", "workflows", "cli", "api"},
+    # shipped models (files only): read by checkpoint, so below it
+    "zoo": {"data", "models", "objectives", "checkpoint", "train", "infer", "eval", "workflows"},
 }
 
 # ``Volume`` (array + affine, numpy only) is the type the readers return: io may use it.

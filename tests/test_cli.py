@@ -234,6 +234,9 @@ def test_sam_embed_and_match_through_the_cli(workdir: Path, tiny_dataset: Path) 
         "x",
         "y",
         "z",
+        "i",
+        "j",
+        "k",
         "score",
         "low_confidence",
     ]

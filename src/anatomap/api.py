@@ -29,7 +29,8 @@ from anatomap.data.manifest import IndexResult, index_directory
 from anatomap.errors import AnatomapError
 from anatomap.eval.evaluate import EvalResult
 from anatomap.eval.evaluate import evaluate as _evaluate
-from anatomap.infer.embed import DenseEmbedding, DenseModel, embedding_name, load_or_embed
+from anatomap.infer.calibration import probability
+from anatomap.infer.embed import DenseEmbedding, DenseModel, embedding_names, load_or_embed
 from anatomap.infer.match import DEFAULT_LOW_SCORE, match_points, read_points
 from anatomap.io.atomic import atomic_write_json, atomic_write_text
 from anatomap.train.pretrain import PretrainResult
@@ -88,13 +89,15 @@ def embed(
     out: str | Path | None = None,
     **kwargs: Any,
 ) -> list[DenseEmbedding]:
-    """Dense embeddings of scans; with ``out``, saved as ``<name>.emb.safetensors`` there."""
+    """Dense embeddings of scans; with ``out``, saved there as ``<name>.emb.safetensors``
+    (names that cannot collide: :func:`~anatomap.infer.embed.embedding_names`)."""
     model = _model(checkpoint)
+    names = embedding_names(volumes)
     result = []
-    for path in volumes:
+    for path, name in zip(volumes, names, strict=True):
         emb = load_or_embed(model, path, **kwargs)
         if out is not None:
-            emb.save(Path(out) / embedding_name(path))
+            emb.save(Path(out) / name)
         result.append(emb)
     return result
 
@@ -123,23 +126,38 @@ def match(
     names: Sequence[str] | None = None,
     low_score: float = DEFAULT_LOW_SCORE,
     out: str | Path | None = None,
+    coords: str = "RAS",
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Find each template point (world mm, or voxel indices with ``voxel=True``) in every
-    target. Scans or saved embeddings are accepted for template and targets. Returns one row
-    per (target, point); with ``out`` also writes ``out`` (CSV) and ``out`` + ``.json``."""
+    target. Scans or saved embeddings are accepted for template and targets. ``points`` is a
+    CSV, a Slicer ``.mrk.json`` / ``.fcsv`` or an ``[N, 3]`` array; ``coords`` ("RAS" or
+    "LPS") is the frame of a CSV's or an array's world mm (Slicer files state their own).
+    Returns one row per (target, point), with the match in RAS mm and as continuous voxel
+    indices ``i, j, k`` of the target file (of the grid an embedding was made on); with
+    ``out`` also writes ``out`` (CSV) and ``out`` + ``.json``, or Slicer markups when ``out``
+    ends with ``.mrk.json``."""
+    from anatomap.infer.points import grid_affine, to_ras, voxel_indices, write_match_markups
+
     model = _model(checkpoint)
     t_emb = load_or_embed(model, template, **kwargs)
     if isinstance(points, str | Path):
-        names, coords = read_points(points, voxel=voxel)
+        names, coords_in = read_points(points, voxel=voxel, coords=coords)
     else:
-        coords = np.asarray(points, np.float64).reshape(-1, 3)
-        names = list(names) if names is not None else [f"p{i}" for i in range(len(coords))]
-    world = _template_world(template, t_emb, coords) if voxel else coords
+        coords_in = np.asarray(points, np.float64).reshape(-1, 3)
+        coords_in = coords_in if voxel else to_ras(coords_in, coords)
+        names = list(names) if names is not None else [f"p{i}" for i in range(len(coords_in))]
+    world = _template_world(template, t_emb, coords_in) if voxel else coords_in
     rows: list[dict[str, Any]] = []
+    calibration = model.ckpt.meta.get("calibration") if model.ckpt is not None else None
     for target in targets:
         emb = load_or_embed(model, target, **kwargs)
         res = match_points(t_emb, world, emb)
+        # A calibrated model (shipped ones) flags P(error <= 5 mm) < 0.5; else score < low_score.
+        prob = probability(calibration, res.scores) if calibration else None
+        low = prob < 0.5 if prob is not None else res.scores < low_score
+        at = voxel_indices(grid_affine(target, emb), res.points_mm).round(2)
+        ijk = [[None if np.isnan(v) else float(v) for v in row] for row in at]
         for n, name in enumerate(names):
             rows.append(
                 {
@@ -151,11 +169,18 @@ def match(
                     "x": round(float(res.points_mm[n, 0]), 3),
                     "y": round(float(res.points_mm[n, 1]), 3),
                     "z": round(float(res.points_mm[n, 2]), 3),
+                    "i": ijk[n][0],
+                    "j": ijk[n][1],
+                    "k": ijk[n][2],
                     "score": round(float(res.scores[n]), 4),
-                    "low_confidence": bool(res.scores[n] < low_score),
+                    "low_confidence": bool(low[n]),
                 }
             )
-    if out is not None:
+            if prob is not None:
+                rows[-1]["p_within_5mm"] = round(float(prob[n]), 3)
+    if out is not None and str(out).lower().endswith(".mrk.json"):
+        write_match_markups(out, rows)
+    elif out is not None:
         out = Path(out)
         buf = _io.StringIO(newline="")
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from anatomap import limits
 from anatomap.errors import ConfigError
+from anatomap.io.text import read_text
 from anatomap.validation import validate_model
 
 if TYPE_CHECKING:
@@ -171,17 +173,65 @@ def config_path(name_or_path: str | Path) -> Path:
     )
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping at the top of a YAML file, read with ``yaml.safe_load`` (empty: ``{}``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+def _expanded(node: yaml.Node, depth: int, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes under ``node`` once every alias is expanded (aliases share nodes: memoised)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise ValueError("an alias refers to a node that contains it (recursive alias)")
+    if depth > limits.MAX_CONFIG_DEPTH:
+        raise ValueError(f"nested deeper than {limits.MAX_CONFIG_DEPTH} levels")
+    active.add(key)
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        n += sum(_expanded(c, depth + 1, memo, active) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            n += _expanded(k, depth + 1, memo, active) + _expanded(v, depth + 1, memo, active)
+    active.discard(key)
+    if n > limits.MAX_CONFIG_NODES:
+        raise ValueError(
+            f"more than {limits.MAX_CONFIG_NODES:,} values once its aliases are expanded "
+            "(an alias bomb?)"
+        )
+    memo[key] = n
+    return n
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` within the limits of :mod:`anatomap.limits`: size, nesting
+    depth, and values once aliases are expanded (checked on the node graph, which shares
+    aliased nodes, before anything is built). Raises :class:`ConfigError` naming ``source``."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{source}: {size:,} bytes of YAML, more than the limit of {limits.MAX_CONFIG_BYTES:,}"
+        )
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _expanded(node, 0, {}, set())
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read config ({exc})") from None
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except (ValueError, RecursionError) as exc:
+        why = (
+            f"nested deeper than {limits.MAX_CONFIG_DEPTH} levels"
+            if isinstance(exc, RecursionError)
+            else str(exc)
+        )
+        raise ConfigError(f"{source}: refused: {why}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file, read with ``yaml.safe_load`` (empty: ``{}``)
+    within the size, depth and alias limits of :func:`safe_yaml`."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    text = read_text(p, "config", limits.MAX_CONFIG_BYTES, ConfigError)
+    loaded = safe_yaml(text, str(p))
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
@@ -210,10 +260,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key = key.strip()
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override '{item}' has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
+        value = safe_yaml(raw, f"override '{item}'") if raw != "" else ""
         out.append((key, value))
     return out
 

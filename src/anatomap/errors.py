@@ -6,7 +6,12 @@ from pathlib import Path
 
 
 class AnatomapError(Exception):
-    """Base class of every error anatomap raises on purpose (the CLI prints it in one line)."""
+    """Base class of every error anatomap raises on purpose (the CLI prints it in one line).
+
+    ``exit_code`` is the CLI's exit status for it: 2 (bad input), 3 for an I/O failure.
+    """
+
+    exit_code: int = 2
 
 
 class VolumeError(AnatomapError):

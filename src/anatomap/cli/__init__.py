@@ -1,22 +1,24 @@
 """The ``anatomap`` command: data index | data cache | pretrain | mine | evaluate | embed |
-match | demo | benchmark | export | list.
+match | demo | benchmark | export | list | models.
 
 Every sub-command calls the Python API (``anatomap.api``); each lives in the module of its
 kind (``data``, ``train``, ``infer``, ``evaluate``) as ``cmd_<name>`` + ``_add_<name>``.
-Errors that anatomap raises on purpose are printed as one line (``anatomap: error: FILE:
-problem``) with exit code 2; a command that finished but rejected some inputs exits with 1.
+Every failure is printed as one line (``anatomap: error: FILE: problem``) by the one
+top-level handler, :func:`anatomap.cli.report.run_command`, whose exit codes are documented
+there and in docs/usage.md: 0 ok, 1 some inputs rejected, 2 bad input or usage, 3 I/O
+failure, 4 out of memory, 70 internal error, 130 interrupted. ``--debug`` adds tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from anatomap.cli.data import _add_data
 from anatomap.cli.evaluate import _add_evaluate, _add_list
 from anatomap.cli.infer import _add_embed, _add_export, _add_match
+from anatomap.cli.models import _add_models
+from anatomap.cli.report import BAD_INPUT, run_command
 from anatomap.cli.train import _add_benchmark, _add_demo, _add_mine, _add_pretrain
-from anatomap.errors import AnatomapError
 
 _COMMANDS = (
     _add_data,
@@ -29,6 +31,7 @@ _COMMANDS = (
     _add_benchmark,
     _add_export,
     _add_list,
+    _add_models,
 )
 """One function per sub-command, in the order ``anatomap --help`` lists them."""
 
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anatomap", description="Self-supervised anatomical position learning."
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an error (and warning origins)"
+    )
     sub = parser.add_subparsers(dest="command")
     for add in _COMMANDS:
         add(sub)
@@ -49,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may stand on either side of options (``pretrain CFG --resume a=1 b=2``).
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # also accepted after the sub-command
+        extra = [e for e in extra if e != "--debug"]
+        args.debug = True
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
@@ -61,12 +70,5 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
-    try:
-        return int(args.func(args))
-    except AnatomapError as exc:
-        print(f"anatomap: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("anatomap: interrupted", file=sys.stderr)
-        return 130
+        return BAD_INPUT
+    return run_command(args.func, args)

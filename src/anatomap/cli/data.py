@@ -8,12 +8,19 @@ from pathlib import Path
 
 from anatomap.errors import AnatomapError
 
+# the names of anatomap.data.layouts.LAYOUT_NAMES (not imported: the parser stays light)
+LAYOUT_CHOICES = ("auto", "bids", "nnunet", "msd", "dicom", "folder-per-subject", "flat")
+
 
 def cmd_index(args: argparse.Namespace) -> int:
     from anatomap.data.manifest import index_directory, write_manifest
+    from anatomap.data.summary import summary_lines
+    from anatomap.data.walk import display
 
     if args.dir is None and args.table is None:
         raise AnatomapError("data index needs a folder to scan or --table CSV")
+    if args.out is None and not args.dry_run:
+        raise AnatomapError("data index needs --out manifest.jsonl (or --dry-run)")
     root = args.dir if args.dir is not None else args.table.parent
     result = index_directory(
         root,
@@ -22,22 +29,32 @@ def cmd_index(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         resample=args.resample,
         reference=args.reference,
+        layout=args.layout,
+        derivatives=args.derivatives,
     )
-    write_manifest(result, args.out)
+    if not args.dry_run:
+        write_manifest(result, args.out)
     for s in result.subjects:
         for what, why in s.resampled.items():
             print(f"resampled onto {s.reference}: {s.subject} {what}: {why}", file=sys.stderr)
     for p in result.problems:
-        print(f"rejected: {p.path}: {p.reason}", file=sys.stderr)
+        print(display(f"rejected: {p.path}: {p.reason}"), file=sys.stderr)
+    for line in summary_lines(result):
+        print(display(line))  # names that are not UTF-8 print as \xNN
+    where = "(dry run: nothing written)" if args.dry_run else f"into {display(args.out)}"
     print(
-        f"indexed {len(result.subjects)} subjects into {args.out}; "
-        f"{len(result.problems)} file(s) rejected"
+        f"indexed {len(result.subjects)} subjects {where}; "
+        f"{len(result.problems)} file(s) rejected, {len(result.skipped)} skipped"
     )
     return 1 if result.problems else 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from anatomap.data.cache import build_cache
+    from anatomap.data.parallel import default_workers
+
+    if args.workers < 0:
+        raise AnatomapError("--workers must be a number of processes (0: every core)")
 
     res = build_cache(
         args.manifest,
@@ -47,6 +64,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         progress=not args.quiet,
         modalities=args.modalities.split(",") if args.modalities else None,
+        workers=args.workers or default_workers(),
     )
     for p in res.problems:
         print(f"rejected: subject {p['subject']}: {p['reason']}", file=sys.stderr)
@@ -63,8 +81,20 @@ def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("index", help="find and validate scans; write a JSONL manifest")
     p.add_argument("dir", type=Path, nargs="?", help="folder to scan (not needed with --table)")
-    p.add_argument("--out", type=Path, required=True, help="manifest.jsonl to write")
+    p.add_argument("--out", type=Path, help="manifest.jsonl to write (not with --dry-run)")
     p.add_argument("--table", type=Path, help="CSV subject,modality,path[,kind] instead of names")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=LAYOUT_CHOICES,
+        help="how the folder is laid out (default: detected, and printed)",
+    )
+    p.add_argument(
+        "--derivatives", action="store_true", help="BIDS: index derivatives/ too (masks, ...)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be indexed; write nothing"
+    )
     p.add_argument("--ndim", type=int, default=3, choices=(2, 3), help="expected dimensionality")
     p.add_argument(
         "--resample",
@@ -88,6 +118,12 @@ def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--modalities",
         help="comma-separated channels of the cache, in order (default: every modality); "
         "e.g. T1w for a single-modality recipe",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes building subjects in parallel (default: every core)",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cache)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from anatomap.api import embed
-    from anatomap.infer.embed import embedding_name
+    from anatomap.infer.embed import embedding_names
 
     embed(args.checkpoint, args.volumes, args.out, window=args.window, overlap=args.overlap)
-    for v in args.volumes:
-        print(f"{v} -> {args.out / embedding_name(v)}")
+    for v, name in zip(args.volumes, embedding_names(args.volumes), strict=True):
+        print(f"{v} -> {args.out / name}")
     return 0
 
 
@@ -28,14 +28,23 @@ def cmd_match(args: argparse.Namespace) -> int:
         voxel=args.voxel,
         low_score=args.low_score,
         out=args.out,
+        coords=args.coords,
         window=args.window,
     )
     low = [r for r in rows if r["low_confidence"]]
-    print(f"{len(rows)} matches written to {args.out} (and {args.out}.json)")
+    if str(args.out).lower().endswith(".mrk.json"):
+        print(f"{len(rows)} matches written to {args.out} (3D Slicer markups, LPS)")
+    else:
+        print(f"{len(rows)} matches written to {args.out} (and {args.out}.json)")
     for r in low:
+        why = (
+            f"P(within 5 mm) {r['p_within_5mm']:.2f} < 0.5"
+            if "p_within_5mm" in r
+            else f"score {r['score']:.2f} < {args.low_score}"
+        )
         print(
-            f"low confidence: {r['name']} in {r['target']} (score {r['score']:.2f} < "
-            f"{args.low_score}): the target may not contain this anatomy",
+            f"low confidence: {r['name']} in {r['target']} ({why}): the target may not "
+            "contain this anatomy",
             file=sys.stderr,
         )
     return 0
@@ -72,10 +81,33 @@ def _add_match(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("checkpoint", type=Path)
     p.add_argument("targets", type=Path, nargs="+", help="scans or saved .emb.safetensors")
     p.add_argument("--template", type=Path, required=True, help="scan or saved embedding")
-    p.add_argument("--points", type=Path, required=True, help="CSV: name,x,y,z (or i,j,k)")
+    p.add_argument(
+        "--points",
+        type=Path,
+        required=True,
+        help="CSV (name,x,y,z or i,j,k) or 3D Slicer markups (.mrk.json, .fcsv)",
+    )
     p.add_argument("--voxel", action="store_true", help="points are template voxel indices")
-    p.add_argument("--out", type=Path, default=Path("matches.csv"))
-    p.add_argument("--low-score", type=float, default=0.5, help="flag matches below this")
+    p.add_argument(
+        "--coords",
+        type=str.upper,
+        choices=("RAS", "LPS"),
+        default="RAS",
+        help="world frame of a points CSV's x,y,z (default: RAS; Slicer files state their own)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("matches.csv"),
+        help="CSV (plus OUT.json) of the matches with target voxel indices i,j,k; a name "
+        "ending in .mrk.json writes 3D Slicer markups instead (default: matches.csv)",
+    )
+    p.add_argument(
+        "--low-score",
+        type=float,
+        default=0.5,
+        help="flag matches scoring below this (calibrated models flag P(within 5 mm) < 0.5)",
+    )
     p.add_argument("--window", type=int, default=64)
     p.set_defaults(func=cmd_match)
 

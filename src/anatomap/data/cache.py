@@ -12,22 +12,27 @@ Layout::
 touches, so a cache of any size serves crops with memory bounded by the page cache
 (measured in ``benchmarks/cache_format.py``). Every file is written to a temporary name and
 renamed; ``meta.json`` is written last, so an interrupted build leaves no entry that looks
-complete, and a rebuild skips entries whose source fingerprint still matches.
+complete, and a rebuild skips entries whose source fingerprint still matches. Subjects are
+built in worker processes (``workers``), and the folder is locked while it is written.
+Reading is in :mod:`anatomap.data.cache_read` (re-exported here).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from anatomap import limits
+from anatomap.data.cache_read import CACHE_VERSION, Cache, CachedSubject
 from anatomap.data.manifest import (
     SubjectRecord,
     load_landmarks,
@@ -35,13 +40,22 @@ from anatomap.data.manifest import (
     stat_signature,
     unsafe_subject_id,
 )
+from anatomap.data.parallel import Failed, run_each
 from anatomap.data.preprocess import IntensityPreset, parse_presets, preprocess, preset_for
 from anatomap.data.volume import Volume
 from anatomap.errors import AnatomapError, VolumeError
 from anatomap.io import read_volume
-from anatomap.io.atomic import WriteError, atomic_path, atomic_write_json
+from anatomap.io.atomic import atomic_path, atomic_write_json
+from anatomap.io.lock import folder_lock
 
-CACHE_VERSION = 1
+__all__ = [  # the readers live in cache_read; importers use this module
+    "CACHE_VERSION",
+    "Cache",
+    "CacheBuildResult",
+    "CachedSubject",
+    "build_cache",
+]
+
 MAX_FOREGROUND_POINTS = 50_000
 
 
@@ -49,115 +63,6 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """Save ``array`` to ``path`` atomically (the reliability tests patch this seam)."""
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array)
-
-
-@dataclass
-class CachedSubject:
-    """One preprocessed subject, memory-mapped on first access."""
-
-    root: Path
-    meta: dict[str, Any]
-    _image: np.ndarray | None = field(default=None, repr=False)
-    _foreground: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def id(self) -> str:
-        return self.meta["subject"]
-
-    @property
-    def affine(self) -> np.ndarray:
-        return np.asarray(self.meta["affine"], np.float64)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.meta["shape"])
-
-    @property
-    def present(self) -> np.ndarray:
-        """Boolean mask over the cache's modalities: which ones this subject has."""
-        return np.asarray(self.meta["present"], bool)
-
-    @property
-    def image(self) -> np.ndarray:
-        if self._image is None:
-            self._image = np.load(self.root / "image.npy", mmap_mode="r")
-        return self._image
-
-    @property
-    def foreground(self) -> np.ndarray:
-        if self._foreground is None:
-            # Memory-mapped too: a loaded copy (600 KB per subject) per worker would grow
-            # with the data set (benchmarks/scaling.py).
-            self._foreground = np.load(self.root / "foreground.npy", mmap_mode="r")
-        return self._foreground
-
-    def label(self, name: str) -> np.ndarray:
-        path = self.root / f"label_{name}.npy"
-        if not path.exists():
-            raise AnatomapError(f"{self.root}: subject {self.id} has no label map '{name}'")
-        return np.load(path, mmap_mode="r")
-
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.meta.get("labels", []))
-
-    @property
-    def landmarks(self) -> dict[str, np.ndarray]:
-        """Named landmarks in world mm (RAS+), if the manifest had any."""
-        return {k: np.asarray(v, np.float64) for k, v in self.meta.get("landmarks", {}).items()}
-
-
-class Cache:
-    """Read access to a cache folder written by :func:`build_cache`."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        index = self.root / "cache.json"
-        if not index.is_file():
-            raise AnatomapError(f"{self.root}: not an anatomap cache (no cache.json)")
-        try:
-            self.info = json.loads(index.read_text())
-        except json.JSONDecodeError as exc:
-            raise AnatomapError(f"{index}: damaged cache index ({exc})") from None
-        if self.info.get("version") != CACHE_VERSION:
-            raise AnatomapError(f"{index}: cache version {self.info.get('version')} unsupported")
-        self._entries: dict[str, CachedSubject] = {}
-
-    @property
-    def subjects(self) -> list[str]:
-        return list(self.info["subjects"])
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.info["modalities"])
-
-    @property
-    def spacing(self) -> float | list[float] | None:
-        return self.info.get("spacing")
-
-    def __len__(self) -> int:
-        return len(self.info["subjects"])
-
-    def __contains__(self, subject: str) -> bool:
-        return subject in self.info["subjects"]
-
-    def __getitem__(self, subject: str) -> CachedSubject:
-        if subject not in self._entries:
-            if subject not in self.info["subjects"]:
-                raise KeyError(f"subject '{subject}' is not in cache {self.root}")
-            if (why := unsafe_subject_id(subject)) is not None:
-                raise AnatomapError(f"{self.root / 'cache.json'}: {why}")
-            folder = self.root / "subjects" / subject
-            meta = json.loads((folder / "meta.json").read_text())
-            self._entries[subject] = CachedSubject(folder, meta)
-        return self._entries[subject]
-
-    def fingerprint(self) -> str:
-        return str(self.info.get("fingerprint", ""))
-
-    def __getstate__(self) -> dict:
-        # Memory maps are reopened in each DataLoader worker, never pickled.
-        return {"root": self.root, "info": self.info, "_entries": {}}
 
 
 @dataclass
@@ -174,8 +79,8 @@ def _record_fingerprint(record: SubjectRecord, spacing: Any, presets: dict, dtyp
     items += [(f"label:{n}", r.path) for n, r in sorted(record.labels.items())]
     if record.landmarks:
         items.append(("landmarks", record.landmarks))
-    for key, path in items:
-        h.update(f"{key}|{path}|{stat_signature(path)}".encode())
+    for key, path in items:  # a name that is not UTF-8 hashes as its bytes
+        h.update(os.fsencode(f"{key}|{path}|{stat_signature(path)}"))
     h.update(json.dumps([spacing, presets, dtype, CACHE_VERSION], sort_keys=True).encode())
     if record.resampled:
         h.update(json.dumps([record.reference, record.resampled], sort_keys=True).encode())
@@ -194,11 +99,20 @@ def _foreground_points(image: np.ndarray, thresholds: Sequence[float], seed: int
 
 
 def _read_3d(
-    path: str, modality: str | None, subject: str, ndim: int, dtype: type | None = None
+    path: str,
+    modality: str | None,
+    subject: str,
+    ndim: int,
+    dtype: type | None = None,
+    **picks: Any,
 ) -> Volume:
-    """Read a scan as indexed; a 2-D image becomes a one-slice volume ``[X, Y, 1]`` (its 4x4
-    affine already places slice 0), so 2-D data shares the 3-D cache and sampler."""
-    vol = read_volume(path, modality=modality, subject=subject, expect_ndim=ndim, dtype=dtype)
+    """Read a scan as indexed (``picks``: the volume of a 4-D file, the series of a DICOM
+    folder; ``ImageRecord.read_options``); a 2-D image becomes a one-slice volume
+    ``[X, Y, 1]`` (its 4x4 affine already places slice 0), so 2-D data shares the 3-D cache
+    and sampler."""
+    vol = read_volume(
+        path, modality=modality, subject=subject, expect_ndim=ndim, dtype=dtype, **picks
+    )
     if vol.ndim == 2:
         vol.array = vol.array[..., None]
     return vol
@@ -223,6 +137,52 @@ def _onto_grid(vol: Volume, affine: np.ndarray, shape: tuple[int, ...], label: b
     return np.rint(arr).astype(vol.array.dtype) if label else arr.astype(np.float32)
 
 
+def check_spacing(spacing: Any) -> float | None:
+    """The cache's target spacing: ``None`` (keep each scan's) or a finite positive number of
+    mm. Anything else (0, negative, NaN, Inf) is refused before any subject is read."""
+    if spacing is None:
+        return None
+    try:
+        value = float(spacing)
+    except (TypeError, ValueError):
+        raise AnatomapError(f"spacing {spacing!r}: must be a number of mm") from None
+    if not np.isfinite(value) or value <= 0:
+        raise AnatomapError(f"spacing {spacing!r}: must be a finite number of mm above 0")
+    return value
+
+
+def _check_output_size(path: str, shape: Sequence[int], src: Sequence[float], spacing: Any) -> None:
+    """Refuse a resampling whose output would exceed :data:`~anatomap.limits.MAX_VOXELS`."""
+    if spacing is None or not src:
+        return
+    n = float(
+        np.prod([max(1.0, s * d / spacing) for s, d in zip(shape[:3], src[:3], strict=False)])
+    )
+    if n > limits.MAX_VOXELS:
+        raise VolumeError(
+            path,
+            f"resampling to {spacing} mm would make ~{n:,.0f} voxels, more than the limit of "
+            f"{limits.MAX_VOXELS:,} (ANATOMAP_MAX_VOXELS); choose a coarser --spacing",
+        )
+
+
+def _check_values(path: str, array: np.ndarray, dtype: str) -> None:
+    """Refuse values that are not finite after preprocessing, or that the cache's dtype cannot
+    hold (float16 ends at 65504: larger values would be stored as Inf)."""
+    if array.size == 0:
+        return
+    lo, hi = float(np.min(array)), float(np.max(array))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise VolumeError(path, "non-finite values after preprocessing")
+    top = float(np.finfo(np.dtype(dtype)).max)
+    if hi > top or lo < -top:
+        raise VolumeError(
+            path,
+            f"values {lo:.6g} to {hi:.6g} exceed the {dtype} range of the cache (+-{top:g}); "
+            "cache with --dtype float32 or an intensity preset (ct, mri)",
+        )
+
+
 def _build_entry(
     record: SubjectRecord,
     folder: Path,
@@ -243,7 +203,13 @@ def _build_entry(
         if rec is None:
             continue
         preset = preset_for(presets, m)
-        vol = preprocess(_read_3d(rec.path, m, record.subject, len(rec.shape)), spacing, preset)
+        _check_output_size(rec.path, rec.shape, rec.spacing, spacing)
+        vol = preprocess(
+            _read_3d(rec.path, m, record.subject, len(rec.shape), **rec.read_options()),
+            spacing,
+            preset,
+        )
+        _check_values(rec.path, vol.array, dtype)
         if ref_affine is None:
             ref_affine, ref_shape = vol.affine, vol.shape
         elif vol.shape != ref_shape or not np.allclose(vol.affine, ref_affine, atol=1e-3):
@@ -265,7 +231,9 @@ def _build_entry(
     _atomic_save_npy(folder / "foreground.npy", _foreground_points(image, thresholds, 0))
     for name, rec in sorted(record.labels.items()):
         lab = preprocess(
-            _read_3d(rec.path, None, record.subject, len(rec.shape), np.int32),
+            _read_3d(
+                rec.path, None, record.subject, len(rec.shape), np.int32, **rec.read_options()
+            ),
             spacing,
             None,
             label=True,
@@ -310,6 +278,63 @@ def _entry_intact(folder: Path, meta: dict[str, Any]) -> bool:
     return True
 
 
+@dataclass
+class _Job:
+    """One subject to cache, with the settings (pickled to a worker process)."""
+
+    record: SubjectRecord
+    folder: Path
+    modalities: list[str]
+    presets: dict[str, IntensityPreset]
+    spacing: float | None
+    dtype: str
+    preset_dict: dict[str, Any]
+
+
+def _failed(job: _Job, exc: Exception) -> tuple[str, str]:
+    shutil.rmtree(job.folder, ignore_errors=True)
+    known = isinstance(exc, AnatomapError | OSError)
+    return "failed", str(exc) if known else f"{type(exc).__name__}: {exc}"
+
+
+def _check_subject(job: _Job) -> tuple[str, str] | None:
+    """``("reused", "")`` when the entry was built from the same sources and settings and is
+    intact, ``None`` when it must be built (a stale ``meta.json`` is removed first, so the
+    rebuilt entry gets it last again), ``("failed", reason)`` when that cannot be told."""
+    try:
+        fp = _record_fingerprint(job.record, job.spacing, job.preset_dict, job.dtype)
+        meta_path = job.folder / "meta.json"
+        if not meta_path.exists():
+            return None
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if (
+            old.get("fingerprint") == fp
+            and old.get("modalities") == job.modalities
+            and _entry_intact(job.folder, old)  # else half-written or damaged: rebuild
+        ):
+            return "reused", ""
+        meta_path.unlink()
+        return None
+    except Exception as exc:  # one bad subject never stops the others
+        return _failed(job, exc)
+
+
+def _cache_subject(job: _Job) -> tuple[str, str]:
+    """Build one entry (in a worker process): ``("built" | "failed", reason)``. Any failure
+    stays with this subject: its folder is removed and the others go on."""
+    try:
+        fp = _record_fingerprint(job.record, job.spacing, job.preset_dict, job.dtype)
+        _build_entry(
+            job.record, job.folder, job.modalities, job.presets, job.spacing, job.dtype, fp
+        )
+        return "built", ""
+    except Exception as exc:
+        return _failed(job, exc)
+
+
 def build_cache(
     manifest: str | Path | Iterable[SubjectRecord],
     out: str | Path,
@@ -319,11 +344,15 @@ def build_cache(
     dtype: str = "float16",
     modalities: list[str] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> CacheBuildResult:
     """Preprocess every subject of a manifest into ``out`` (resumable, per-subject atomic).
 
-    A subject that fails is reported in ``problems`` (file and reason) and left out; the
-    others are cached. Entries already built from the same sources and settings are reused.
+    ``workers`` processes build subjects in parallel (``anatomap data cache`` uses every
+    core). A subject that fails, or whose worker process dies, is reported in ``problems``
+    (file and reason) and left out; the others are cached. Entries already built from the
+    same sources and settings are reused. ``out`` is locked while it is written: a second
+    writer fails at once (:class:`~anatomap.io.lock.LockError`).
     """
     # a listed file that has gone is reported for its subject only (the others are cached)
     if isinstance(manifest, str | Path):
@@ -331,42 +360,53 @@ def build_cache(
     else:
         records = list(manifest)
     presets = parse_presets(preset)
+    spacing = check_spacing(spacing)
+    if dtype not in ("float16", "float32"):
+        raise AnatomapError(f"dtype {dtype!r}: the cache stores float16 or float32")
     out = Path(out)
-    (out / "subjects").mkdir(parents=True, exist_ok=True)
     if modalities is None:
         modalities = sorted({m for r in records for m in r.images})
     preset_dict = {k: v.to_dict() for k, v in presets.items()}
     problems: list[dict[str, str]] = []
-    done: list[str] = []
-    built = reused = 0
-    for record in tqdm(records, desc="cache", unit="subject", disable=not progress):
+    jobs: list[_Job] = []
+    for record in records:
         if (why := unsafe_subject_id(record.subject)) is not None:
             problems.append({"subject": record.subject, "reason": why})  # never a path
             continue
         folder = out / "subjects" / record.subject
-        try:
-            fp = _record_fingerprint(record, spacing, preset_dict, dtype)
-            meta_path = folder / "meta.json"
-            if meta_path.exists():
-                try:
-                    old = json.loads(meta_path.read_text())
-                except json.JSONDecodeError:
-                    old = {}
-                if (
-                    old.get("fingerprint") == fp
-                    and old.get("modalities") == modalities
-                    and _entry_intact(folder, old)  # else half-written or damaged: rebuild
-                ):
-                    done.append(record.subject)
-                    reused += 1
-                    continue
-                meta_path.unlink()  # stale: rebuild (meta.json goes last again)
-            _build_entry(record, folder, modalities, presets, spacing, dtype, fp)
-            done.append(record.subject)
-            built += 1
-        except (VolumeError, WriteError, OSError) as exc:
-            problems.append({"subject": record.subject, "reason": str(exc)})
-            shutil.rmtree(folder, ignore_errors=True)
+        jobs.append(_Job(record, folder, modalities, presets, spacing, dtype, preset_dict))
+    with folder_lock(out, "cache"):
+        (out / "subjects").mkdir(parents=True, exist_ok=True)
+        outcomes: list[Any] = [_check_subject(job) for job in jobs]  # reuse: no workers
+        todo = [i for i, o in enumerate(outcomes) if o is None]
+        with tqdm(total=len(todo), desc="cache", unit="subject", disable=not progress) as bar:
+            results = run_each(
+                _cache_subject, [jobs[i] for i in todo], workers, lambda i: bar.update(1)
+            )
+        for i, outcome in zip(todo, results, strict=True):
+            outcomes[i] = outcome
+        done: list[str] = []
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            status, reason = ("failed", outcome.reason) if isinstance(outcome, Failed) else outcome
+            if status == "failed":
+                problems.append({"subject": job.record.subject, "reason": reason})
+                shutil.rmtree(job.folder, ignore_errors=True)
+            else:
+                done.append(job.record.subject)
+        built = sum(1 for o in outcomes if not isinstance(o, Failed) and o[0] == "built")
+        _write_index(out, done, modalities, spacing, preset_dict, dtype)
+    return CacheBuildResult(Cache(out), problems, built, len(done) - built)
+
+
+def _write_index(
+    out: Path,
+    done: list[str],
+    modalities: list[str],
+    spacing: float | None,
+    preset_dict: dict[str, Any],
+    dtype: str,
+) -> None:
+    """``cache.json``: the settings, the subjects cached and their combined fingerprint."""
     h = hashlib.sha256()
     for sid in done:
         h.update(
@@ -382,4 +422,3 @@ def build_cache(
         "fingerprint": h.hexdigest()[:16],
     }
     atomic_write_json(out / "cache.json", info)
-    return CacheBuildResult(Cache(out), problems, built, reused)

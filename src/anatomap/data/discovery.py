@@ -1,15 +1,18 @@
-"""Discovery: find the scans, label maps, landmark files and DICOM series of a data folder.
+"""Discovery: the named entries of a data folder, the naming rules they share, and tables.
 
-:func:`find_entries` walks a folder (or reads a ``subject,modality,path[,kind]`` table) and
-names every file it finds as an :class:`Entry`; :func:`group_entries` drops duplicates and
-groups them per subject. Nothing is read here beyond DICOM headers:
-:func:`anatomap.data.manifest.index_directory` validates the entries.
+An :class:`Entry` is one file (or DICOM series) named as an image, label map or landmark file
+of a subject, before anything is read. The layouts (:mod:`anatomap.data.layouts`) walk a
+folder into entries; :func:`read_table` reads them from a ``subject,modality,path[,kind]``
+CSV instead; :func:`group_entries` drops duplicates and groups them per subject.
+:func:`anatomap.data.manifest.index_directory` then reads and validates every entry.
 
-Naming rules (file name without extension):
+Naming rules of flat folders (file name without extension), also used by other layouts:
 
 * ``<subject>_<modality>``: everything before the last ``_`` is the subject, the last token the
   modality (BIDS ``sub-001_T1w``, BraTS ``BraTS20_Training_001_t1``, nnU-Net ``case_0000``);
-  a name without ``_`` is a subject with modality ``"image"``.
+  a name without ``_`` is split at its last ``-`` when the last token is a known modality or
+  label word (``IXI002-Guys-0828-T1``, ``BraTS-GLI-00000-000-t1n``), otherwise it is a
+  subject with modality ``"image"``.
 * Label maps end in one of ``label_suffixes`` (``sub-001_tissue_dseg``: label ``"tissue"``;
   ``BraTS20_Training_001_seg``: label ``"seg"``), or sit in a folder whose name starts with
   ``labels`` (nnU-Net ``labelsTr/case.nii.gz``: label ``"label"``). They belong to the image
@@ -23,25 +26,53 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from anatomap.data.records import ManifestError, Problem, unsafe_subject_id
-from anatomap.io.readers import image_suffix, strip_suffix
+from anatomap.io.readers import strip_suffix
 
 LANDMARK_SUFFIX = "_landmarks.csv"
 DEFAULT_LABEL_SUFFIXES = ("dseg", "seg", "label", "labels")
 KINDS = ("image", "label", "landmarks")
+# last tokens after a '-' that name a modality or a label (IXI, BraTS 2023 file names)
+DASH_TOKENS = frozenset(
+    [
+        "t1",
+        "t2",
+        "pd",
+        "mra",
+        "flair",
+        "t1n",
+        "t1c",
+        "t2w",
+        "t2f",
+        "t1w",
+        "t1ce",
+        "t1gd",
+        "ct",
+        "mr",
+        "pet",
+        "adc",
+        "dwi",
+        "swi",
+        "seg",
+    ]
+)
 
 
 @dataclass
 class Entry:
-    """One file (or DICOM folder) found, before it is read."""
+    """One file (or DICOM folder or series) found, before it is read."""
 
     kind: str  # image | label | landmarks
     subject: str
     name: str  # modality (images), label name (labels), "" (landmarks)
     path: Path
+    volume_index: int | None = None  # the volume of a 4-D file (MSD's multi-channel images)
+    series: str | None = None  # the SeriesInstanceUID of a folder holding several series
+    meta: dict[str, Any] = field(default_factory=dict)  # BIDS entities, DICOM tags, ...
 
 
 def outside_roots(path: Path, roots: Sequence[Path]) -> bool:
@@ -57,6 +88,10 @@ def split_name(name: str) -> tuple[str, str]:
         subject, modality = name.rsplit("_", 1)
         if subject and modality:
             return subject, modality
+    elif "-" in name:
+        subject, token = name.rsplit("-", 1)
+        if subject and token.lower() in DASH_TOKENS:
+            return subject, token
     return name, "image"
 
 
@@ -96,47 +131,14 @@ def dicom_modality(folder: Path) -> str:
     return "image"
 
 
-def match_subject(name: str, subjects: Sequence[str]) -> str | None:
-    """The longest subject id that is ``name`` or a ``_``-delimited prefix of it."""
+def match_subject(name: str, subjects: Sequence[str], seps: str = "_") -> str | None:
+    """The longest subject id that is ``name`` or a prefix of it followed by one of ``seps``."""
     best = None
     for s in subjects:
-        if (name == s or name.startswith(s + "_")) and (best is None or len(s) > len(best)):
+        hit = name == s or any(name.startswith(s + c) for c in seps)
+        if hit and (best is None or len(s) > len(best)):
             best = s
     return best
-
-
-def walk_folder(
-    root: Path, label_suffixes: Sequence[str]
-) -> tuple[list[Entry], list[tuple[Path, str]], list[Problem]]:
-    """Walk ``root``: image entries, unassigned (label|landmarks, path), problems."""
-    suffixes = {s.lower() for s in label_suffixes}
-    entries: list[Entry] = []
-    pending: list[tuple[Path, str]] = []
-    problems: list[Problem] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        files = sorted(n for n in filenames if not n.startswith("."))
-        if not dirnames and not files and d != root:
-            problems.append(Problem(str(d), "empty folder (no files)"))
-            continue
-        if any(looks_dicom(d / n) for n in files if image_suffix(n) is None):
-            entries.append(Entry("image", d.name, dicom_modality(d), d))
-        in_label_dir = d.name.lower().startswith("labels")
-        for n in files:
-            f = d / n
-            if n.lower().endswith(LANDMARK_SUFFIX):
-                pending.append((f, "landmarks"))
-                continue
-            if image_suffix(n) is None:
-                continue
-            stem = strip_suffix(n)
-            subject, token = split_name(stem)
-            if ("_" in stem and token.lower() in suffixes) or in_label_dir:
-                pending.append((f, "label"))
-            else:
-                entries.append(Entry("image", subject, token, f))
-    return entries, pending, problems
 
 
 def assign(
@@ -148,7 +150,7 @@ def assign(
     problems: list[Problem] = []
     for path, kind in pending:
         name = path.name[: -len(LANDMARK_SUFFIX)] if kind == "landmarks" else strip_suffix(path)
-        subject = match_subject(name, subjects)
+        subject = match_subject(name, subjects, "_" if "_" in name else "_-")
         if subject is None:
             what = "landmark file" if kind == "landmarks" else "label map"
             problems.append(Problem(str(path), f"{what} matches no image subject"))
@@ -223,21 +225,10 @@ def _table_entries(table: Path, root: Path) -> tuple[list[Entry], list[Problem]]
     return entries, problems
 
 
-def find_entries(
-    root: Path, table: Path | None, label_suffixes: Sequence[str]
-) -> tuple[list[Entry], list[Problem]]:
-    """Every file under ``root`` (or listed in ``table``) named by the rules above, and the
-    files that could not be placed. Both paths are absolute."""
-    if table is not None:
-        entries, problems = _table_entries(table, root)
-    else:
-        if not root.is_dir():
-            raise ManifestError(root, "not a folder")
-        images, pending, problems = walk_folder(root, label_suffixes)
-        subject_ids = sorted({e.subject for e in images})
-        attached, more = assign(pending, subject_ids, label_suffixes)
-        entries = images + attached
-        problems += more
+def table_entries(table: Path, root: Path) -> tuple[list[Entry], list[Problem]]:
+    """The usable rows of a ``--table`` CSV, and the rows left out (see
+    :func:`_table_entries`); "no image files found" when there are none."""
+    entries, problems = _table_entries(table, root)
     if not entries:
         problems.append(Problem(str(root), "no image files found"))
     return entries, problems

@@ -24,10 +24,11 @@ from anatomap.data.discovery import (
     DEFAULT_LABEL_SUFFIXES,
     LANDMARK_SUFFIX,
     Entry,
-    find_entries,
     group_entries,
     outside_roots,
+    table_entries,
 )
+from anatomap.data.layouts import Options, discover
 from anatomap.data.records import (
     ImageRecord,
     IndexResult,
@@ -37,7 +38,7 @@ from anatomap.data.records import (
     unsafe_subject_id,
 )
 from anatomap.errors import AnatomapError, VolumeError
-from anatomap.io.atomic import atomic_write_lines
+from anatomap.io.atomic import atomic_write_lines, json_safe
 from anatomap.io.readers import read_volume
 
 __all__ = [  # the records and discovery names are re-exported: importers use this module
@@ -89,12 +90,17 @@ def index_directory(
     progress: bool = False,
     resample: bool = False,
     reference: str | None = None,
+    layout: str = "auto",
+    derivatives: bool = False,
 ) -> IndexResult:
     """Discover, read and validate every scan under ``root`` (or listed in ``table``).
 
-    ``table`` is a CSV with columns ``subject,modality,path`` (optional ``kind``:
-    image|label|landmarks) that replaces discovery. Unusable files become
-    :class:`Problem` entries; a subject without any valid image is dropped.
+    ``layout`` (``auto``, ``bids``, ``nnunet``, ``msd``, ``folder-per-subject``, ``flat``,
+    ``dicom``; :mod:`anatomap.data.layouts`) says how files are named; ``auto`` detects it.
+    ``derivatives`` also indexes a BIDS data set's ``derivatives/``. ``table`` is a CSV with
+    columns ``subject,modality,path`` (optional ``kind``: image|label|landmarks) that replaces
+    discovery. Unusable files become :class:`Problem` entries, files left out on purpose
+    ``skipped`` notes; a subject without any valid image is dropped.
 
     The files of a subject must share the grid of its reference image (``reference``
     modality when the subject has it, else the first modality by name). With ``resample``,
@@ -102,8 +108,17 @@ def index_directory(
     difference): the cache resamples it onto the reference grid.
     """
     root_path = Path(root).expanduser().resolve()
-    table_path = Path(table).expanduser().resolve() if table is not None else None
-    entries, problems = find_entries(root_path, table_path, label_suffixes)
+    result = IndexResult(layout="table", layout_reason="--table lists the files")
+    roots = [root_path]  # every file a header names must lie here too (io.headers)
+    if table is not None:
+        roots.append(Path(table).expanduser().resolve().parent)
+        entries, problems = table_entries(Path(table).expanduser().resolve(), root_path)
+        subject_meta: dict[str, dict[str, Any]] = {}
+    else:
+        found, chosen, why = discover(root_path, layout, Options(label_suffixes, derivatives))
+        entries, problems, subject_meta = found.entries, found.problems, found.subject_meta
+        result.skipped = found.skipped
+        result.layout, result.layout_reason = chosen.name, f"{why.title}, because {why.reason}"
     per_subject, duplicates = group_entries(entries)
     problems += duplicates
 
@@ -126,9 +141,11 @@ def index_directory(
             bar=bar,
             resample=resample,
             reference=reference,
+            roots=roots,
         )
         problems += subject_problems
         if rec is not None:
+            rec.meta = dict(subject_meta.get(sid, {}))
             subjects.append(rec)
     if bar is not None:
         bar.close()
@@ -136,7 +153,8 @@ def index_directory(
     all_modalities = sorted({m for s in subjects for m in s.images})
     for s in subjects:
         s.missing = [m for m in all_modalities if m not in s.images]
-    return IndexResult(subjects=subjects, problems=problems)
+    result.subjects, result.problems = subjects, problems
+    return result
 
 
 def _index_subject(
@@ -148,6 +166,7 @@ def _index_subject(
     bar: Any,
     resample: bool = False,
     reference: str | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> tuple[SubjectRecord | None, list[Problem]]:
     """Read and check one subject's files: its record (``None`` without a valid image) and
     the files left out."""
@@ -175,6 +194,8 @@ def _index_subject(
             rec.landmarks = str(e.path.resolve())
             continue
         label = e.kind == "label"
+        picks = {"volume_index": e.volume_index} if e.volume_index is not None else {}
+        picks.update({"series": e.series} if e.series else {})
         try:
             vol = read_volume(
                 e.path,
@@ -183,11 +204,17 @@ def _index_subject(
                 expect_ndim=expect_ndim,
                 check_finite=check_finite,
                 dtype=np.int32 if label else None,
+                roots=roots,
+                **picks,
             )
         except VolumeError as exc:
             problems.append(Problem(str(e.path), exc.reason, sid))
             continue
+        except (OSError, UnicodeError) as exc:  # one odd file never stops the others
+            problems.append(Problem(str(e.path), f"cannot read: {exc}", sid))
+            continue
         img = ImageRecord.from_volume(vol, label=label)
+        img.volume_index, img.series, img.meta = e.volume_index, e.series, dict(e.meta)
         del vol
         if ref is None:
             ref = img
@@ -231,7 +258,8 @@ def write_manifest(
         subjects, problems = result_or_subjects.subjects, result_or_subjects.problems
     else:
         subjects, problems = list(result_or_subjects), []
-    atomic_write_lines(p, (json.dumps(s.to_dict()) for s in subjects), what="manifest")
+    lines = (json.dumps(json_safe(s.to_dict()), allow_nan=False) for s in subjects)
+    atomic_write_lines(p, lines, what="manifest")  # standard JSON: no NaN / Infinity
     side = problems_path(p)
     if problems:
         atomic_write_lines(side, (json.dumps(q.to_dict()) for q in problems), what="problems file")
@@ -273,6 +301,8 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[SubjectRec
             rec = SubjectRecord.from_dict(json.loads(line))
         except json.JSONDecodeError as exc:
             raise ManifestError(p, f"line {n}: not valid JSON ({exc.msg})") from exc
+        except RecursionError:
+            raise ManifestError(p, f"line {n}: not valid JSON (nested too deeply)") from None
         except KeyError as exc:
             raise ManifestError(p, f"line {n}: missing field {exc}") from exc
         except (TypeError, ValueError, AttributeError) as exc:

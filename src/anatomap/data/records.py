@@ -41,6 +41,9 @@ class ImageRecord:
     dtype: str = ""
     intensity: dict[str, float] | None = None  # images: min, max, mean, std
     values: list[int] | None = None  # label maps: label values present
+    volume_index: int | None = None  # the volume read from a 4-D file (MSD channels)
+    series: str | None = None  # the SeriesInstanceUID read from a DICOM folder
+    meta: dict[str, Any] = field(default_factory=dict)  # BIDS entities, DICOM series tags
 
     @classmethod
     def from_volume(cls, volume: Volume, *, label: bool = False) -> ImageRecord:
@@ -58,12 +61,9 @@ class ImageRecord:
             rec.values = label_values(arr)
         else:
             a64 = arr.astype(np.float64, copy=False)
-            rec.intensity = {
-                "min": float(a64.min()),
-                "max": float(a64.max()),
-                "mean": float(a64.mean()),
-                "std": float(a64.std()),
-            }
+            with np.errstate(all="ignore"):  # NaN voxels (check_finite=False) give None
+                stats = {"min": a64.min(), "max": a64.max(), "mean": a64.mean(), "std": a64.std()}
+            rec.intensity = {k: _finite(v) for k, v in stats.items()}
         return rec
 
     @property
@@ -79,10 +79,16 @@ class ImageRecord:
             "affine": [list(map(float, row)) for row in self.affine],
             "dtype": self.dtype,
         }
-        if self.intensity is not None:
-            d["intensity"] = dict(self.intensity)
+        if self.intensity is not None:  # standard JSON: no NaN / Infinity
+            d["intensity"] = {k: _finite(v) for k, v in self.intensity.items()}
         if self.values is not None:
             d["values"] = list(self.values)
+        if self.volume_index is not None:
+            d["volume_index"] = int(self.volume_index)
+        if self.series:
+            d["series"] = self.series
+        if self.meta:
+            d["meta"] = dict(self.meta)
         return d
 
     @classmethod
@@ -90,6 +96,8 @@ class ImageRecord:
         affine = [[float(v) for v in row] for row in d["affine"]]
         if np.asarray(affine).shape != (4, 4):
             raise ValueError("affine must be 4x4")
+        if not np.isfinite(affine).all() or not np.isfinite(np.asarray(d["spacing"], float)).all():
+            raise ValueError("affine and spacing must be finite numbers")
         return cls(
             path=str(d["path"]),
             shape=tuple(int(n) for n in d["shape"]),
@@ -99,7 +107,29 @@ class ImageRecord:
             dtype=str(d.get("dtype", "")),
             intensity=dict(d["intensity"]) if d.get("intensity") is not None else None,
             values=[int(v) for v in d["values"]] if d.get("values") is not None else None,
+            volume_index=int(d["volume_index"]) if d.get("volume_index") is not None else None,
+            series=str(d["series"]) if d.get("series") else None,
+            meta=dict(d.get("meta") or {}),
         )
+
+    def read_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~anatomap.io.read_volume` that pick this scan out
+        of its file or folder (a 4-D volume, a DICOM series)."""
+        out: dict[str, Any] = {}
+        if self.volume_index is not None:
+            out["volume_index"] = self.volume_index
+        if self.series:
+            out["series"] = self.series
+        return out
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or ``None`` when it is missing, NaN or infinite."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
 
 
 def unsafe_subject_id(subject: str) -> str | None:
@@ -129,6 +159,7 @@ class SubjectRecord:
     # the cache resamples onto the reference grid ({modality or "label:<name>": why})
     reference: str = ""
     resampled: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # BIDS participant/session, split, ...
 
     @property
     def modalities(self) -> list[str]:
@@ -149,6 +180,7 @@ class SubjectRecord:
             **(
                 {"reference": self.reference, "resampled": self.resampled} if self.resampled else {}
             ),
+            **({"meta": self.meta} if self.meta else {}),
         }
 
     @classmethod
@@ -168,6 +200,7 @@ class SubjectRecord:
             missing=[str(m) for m in d.get("missing", [])],
             reference=str(d.get("reference", "")),
             resampled={str(k): str(v) for k, v in d.get("resampled", {}).items()},
+            meta=dict(d.get("meta") or {}),
         )
 
 
@@ -192,10 +225,14 @@ class Problem:
 
 @dataclass
 class IndexResult:
-    """What :func:`index_directory` found: usable subjects and the problems it met."""
+    """What :func:`index_directory` found: usable subjects, the problems it met (files that
+    could not be used), the files it left out on purpose (``skipped``) and the layout."""
 
     subjects: list[SubjectRecord] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)
+    layout: str = ""  # flat, bids, ... ("table" for --table)
+    layout_reason: str = ""  # "TotalSegmentator-style folder per subject, because ..."
 
     @property
     def modalities(self) -> list[str]:
@@ -205,6 +242,9 @@ class IndexResult:
         return {
             "subjects": [s.to_dict() for s in self.subjects],
             "problems": [p.to_dict() for p in self.problems],
+            "skipped": [p.to_dict() for p in self.skipped],
+            "layout": self.layout,
+            "layout_reason": self.layout_reason,
         }
 
     @classmethod
@@ -212,6 +252,9 @@ class IndexResult:
         return cls(
             subjects=[SubjectRecord.from_dict(s) for s in d.get("subjects", [])],
             problems=[Problem.from_dict(p) for p in d.get("problems", [])],
+            skipped=[Problem.from_dict(p) for p in d.get("skipped", [])],
+            layout=str(d.get("layout", "")),
+            layout_reason=str(d.get("layout_reason", "")),
         )
 
     def problems_for(self, path: str | Path) -> list[Problem]:

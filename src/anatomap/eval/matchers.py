@@ -25,7 +25,7 @@ from anatomap.errors import AnatomapError
 from anatomap.eval import landmarks as lm
 from anatomap.eval.tasks import EvalContext
 from anatomap.infer.embed import DenseModel, embed_array
-from anatomap.infer.match import coarse_on_fine_grid, match_points
+from anatomap.infer.match import match_points, prepare_target
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import DenseObjective, Objective
 
@@ -42,7 +42,7 @@ class DenseMatcher:
         emb = embed_array(
             self.model, np.asarray(subject.image, np.float32), subject.affine, window=self.window
         )
-        coarse_on_fine_grid(emb)  # part of the per-volume work, not of each match
+        prepare_target(emb)  # per-volume work (fine rows, coarse norms), not part of each match
         return emb
 
     def match(self, template, template_state, points_mm, target, target_state) -> lm.MatchResult:

@@ -64,7 +64,12 @@ class DenseEmbedding:
         with atomic_path(path, what="embedding") as tmp:
             save_file(
                 # float16 halves the files; unit vectors lose < 1e-3 in cosine similarity.
-                {"coarse": self.coarse.half().contiguous(), "fine": self.fine.half().contiguous()},
+                # the fine map voxel-major, as match_points reads it (files of older versions,
+                # with "fine" channel-first, still load)
+                {
+                    "coarse": self.coarse.half().contiguous(),
+                    "fine_voxel_major": self.fine.half().movedim(0, -1).contiguous(),
+                },
                 str(tmp),
                 metadata={"anatomap": json.dumps(info)},
             )
@@ -83,7 +88,11 @@ class DenseEmbedding:
         img_aff = info.get("image_affine")
         return cls(
             tensors["coarse"].float(),
-            tensors["fine"].float(),
+            (
+                tensors["fine_voxel_major"].float().movedim(-1, 0)
+                if "fine_voxel_major" in tensors
+                else tensors["fine"].float()
+            ),
             np.asarray(info["coarse_affine"]),
             np.asarray(info["fine_affine"]),
             info.get("source", ""),
@@ -91,6 +100,12 @@ class DenseEmbedding:
             tuple(info.get("image_shape", ())),
             None if img_aff is None else np.asarray(img_aff),
         )
+
+
+def voxel_major(x: torch.Tensor) -> torch.Tensor:
+    """``x [D, *s]`` with each voxel's D values stored together (same shape, other strides):
+    :func:`~anatomap.infer.match.match_points` reads its voxel rows without copying it."""
+    return x.movedim(0, -1).contiguous().movedim(-1, 0)
 
 
 class DenseModel:
@@ -129,6 +144,32 @@ class DenseModel:
         return self.objective.dense(self.encoder, images)
 
 
+def check_options(
+    window: Any = 64, overlap: Any = 0.25, batch_size: Any = 2, **_: Any
+) -> tuple[int, float, int]:
+    """Validated sliding-window options: ``window`` an integer in [1, MAX_WINDOW] voxels,
+    ``overlap`` a number in [0, 1), ``batch_size`` an integer >= 1. Raises one line naming the
+    option (``embed --overlap -1`` would blend windows that never meet: NaN maps)."""
+    from anatomap import limits
+
+    def integer(name: str, value: Any, hi: int) -> int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | np.integer)
+            or not 1 <= value <= hi
+        ):
+            raise AnatomapError(f"{name} {value!r}: must be an integer from 1 to {hi}")
+        return int(value)
+
+    try:
+        ov = float(overlap)
+    except (TypeError, ValueError):
+        ov = math.nan
+    if not 0 <= ov < 1:  # NaN fails too
+        raise AnatomapError(f"overlap {overlap!r}: must be a number in [0, 1)")
+    return integer("window", window, limits.MAX_WINDOW), ov, integer("batch_size", batch_size, 1024)
+
+
 def _starts(n: int, window: int, step: int) -> list[int]:
     if n <= window:
         return [0]
@@ -153,6 +194,7 @@ def embed_array(
     device: str = "cpu",
 ) -> DenseEmbedding:
     """Embed a preprocessed image ``[C, X, Y, Z]`` (the model's preprocessing already applied)."""
+    window, overlap, batch_size = check_options(window, overlap, batch_size)
     m = model.max_stride
     window = max(m, (window // m) * m)
     step = max(m, int(window * (1 - overlap)) // m * m)
@@ -198,7 +240,7 @@ def embed_array(
         acc, wsum, _ = outs[level]  # type: ignore[misc]
         keep = [math.ceil(n / stride) for n in shape]
         emb = acc[:, : keep[0], : keep[1], : keep[2]] / wsum[: keep[0], : keep[1], : keep[2]]
-        result.append(F.normalize(emb, dim=0))
+        result.append(voxel_major(F.normalize(emb, dim=0)))
     return DenseEmbedding(
         coarse=result[0],
         fine=result[1],
@@ -226,6 +268,7 @@ def embed_file(
     model: DenseModel, path: str | Path, *, modality: str | None = None, **kwargs: Any
 ) -> DenseEmbedding:
     """Read a scan (any supported format), preprocess it as the model's data, embed it."""
+    check_options(**kwargs)  # before the scan is read
     modalities: Sequence[str] = model.meta.get("data", {}).get("modalities") or ["image"]
     vol = preprocess_for(model, read_volume(path, modality=modality or modalities[0]))
     image = np.zeros((len(modalities), *vol.shape), np.float32)
@@ -237,6 +280,7 @@ def embed_file(
 
 def load_or_embed(model: DenseModel, path: str | Path, **kwargs: Any) -> DenseEmbedding:
     """Reuse an embedding saved by ``anatomap embed`` (``*.emb.safetensors``) or embed a scan."""
+    check_options(**kwargs)
     p = Path(path)
     if p.name.endswith(EMBEDDING_SUFFIX):
         emb = DenseEmbedding.load(p)
@@ -254,3 +298,24 @@ def embedding_name(path: str | Path) -> str:
     from anatomap.io.readers import strip_suffix
 
     return Path(strip_suffix(Path(path).name)).name + EMBEDDING_SUFFIX
+
+
+def embedding_names(paths: Sequence[str | Path]) -> list[str]:
+    """Output names for the embeddings of ``paths`` that cannot collide: the scan's name
+    (:func:`embedding_name`) when the names differ, else its path relative to the scans'
+    common folder (``s0001/ct.nii.gz`` -> ``s0001/ct.emb.safetensors``), with the full file
+    name kept where even that repeats (``ct.nii`` beside ``ct.nii.gz``)."""
+    import os
+
+    from anatomap.io.readers import strip_suffix
+
+    names = [embedding_name(p) for p in paths]
+    absolute = [os.path.abspath(p) for p in paths]
+    if len(set(names)) == len(set(absolute)):
+        return names
+    common = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    rel = [os.path.relpath(a, common) for a in absolute]
+    names = [str(Path(r).parent / strip_suffix(Path(r).name)) + EMBEDDING_SUFFIX for r in rel]
+    if len(set(names)) != len(set(absolute)):
+        names = [r + EMBEDDING_SUFFIX for r in rel]
+    return [n.removeprefix("./") for n in names]

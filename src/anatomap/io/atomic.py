@@ -11,6 +11,7 @@ filesystem can read them.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import math
 import os
@@ -26,6 +27,8 @@ from anatomap.errors import AnatomapError
 class WriteError(AnatomapError):
     """A file could not be written (names the file and the cause; the previous one is intact)."""
 
+    exit_code = 3
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -33,13 +36,53 @@ def _umask() -> int:
     return mask
 
 
+_FULL_TEXTS = ("no space left on device", "os error 28", "storagefull", "disk quota exceeded")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the disk or the quota is full, whatever the
+    library that raised it (safetensors, ITK and nibabel wrap the OSError in their own)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e).lower() for t in _FULL_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def reason(exc: BaseException) -> str:
     """A short cause for an exception, naming a full disk as such."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if disk_full(exc):
         return "no space left on device"
     if isinstance(exc, OSError) and exc.strerror:
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR) and exc.filename:
+            return f"{exc.strerror}: {exc.filename}"  # a file where a folder is needed
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _remove_mine(path: Path, tmp: Path) -> None:
+    """Remove ``tmp`` and what a writer made beside it under this process's temporary stem
+    for ``path`` (ITK's ``.raw`` beside a ``.mhd``, numpy's added ``.npy``), file or folder."""
+    stem = temp_name(path).name
+    try:
+        found = [tmp, *tmp.parent.glob(f"{glob.escape(stem)}*")]
+    except OSError:
+        found = [tmp]
+    for p in found:
+        if p != tmp and p.name[len(stem) :][:1].isdigit():
+            continue  # another process's (its pid only starts like ours)
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:  # the folder itself is unusable: nothing was left in it
+            pass
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -118,13 +161,14 @@ def atomic_path(
             _sync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise error(
-            f"{path}: could not write {what} ({reason(exc)}); the previous one is intact"
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        _remove_mine(path, tmp)
+        if isinstance(exc, OSError) or disk_full(exc):
+            err = error(
+                f"{path}: could not write {what} ({reason(exc)}); the previous one is intact"
+            )
+            err.exit_code = 3  # an I/O failure (anatomap.cli)
+            raise err from None
         raise
 
 
@@ -195,15 +239,14 @@ def atomic_folder(
         os.replace(tmp, path)
         fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not path.exists() and old.exists():
             os.replace(old, path)
-        raise error(
-            f"{path}: could not write {what} ({reason(exc)}); the previous one is intact"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not path.exists() and old.exists():
-            os.replace(old, path)
+        if isinstance(exc, OSError) or disk_full(exc):
+            err = error(
+                f"{path}: could not write {what} ({reason(exc)}); the previous one is intact"
+            )
+            err.exit_code = 3  # an I/O failure (anatomap.cli)
+            raise err from None
         raise

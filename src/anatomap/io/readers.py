@@ -9,8 +9,8 @@ ITK/DICOM's LPS+ world is converted with :data:`anatomap.geometry.LPS_TO_RAS`.
 from __future__ import annotations
 
 import gzip
-import os
 import re
+import stat
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -19,18 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from anatomap import geometry
+from anatomap import geometry, limits
 from anatomap.data.volume import Volume
 from anatomap.errors import VolumeError
+from anatomap.io.headers import check_size, check_text_header, special_kind
+from anatomap.io.notes import reading
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SUPPORTED_SUFFIXES: tuple[str, ...] = NIFTI_SUFFIXES + ITK_SUFFIXES
 """File suffixes :func:`read_volume` understands (a directory is read as a DICOM series)."""
-
-_DETACHED = (".nhdr", ".mhd")  # header files whose voxels live in another file
-_MAX_GZIP_RATIO = 1100  # deflate cannot compress better than ~1032:1
-_SLICE_TOLERANCE = 0.01  # relative tolerance on DICOM slice spacing
 
 
 def image_suffix(path: str | Path) -> str | None:
@@ -80,6 +78,8 @@ def read_volume(
     volume_index: int | None = None,
     check_finite: bool = True,
     dtype: np.dtype | type | str | None = None,
+    roots: Sequence[str | Path] | None = None,
+    series: str | None = None,
 ) -> Volume:
     """Read and validate one scan.
 
@@ -88,32 +88,16 @@ def read_volume(
     wanted: a 4-D image with a singleton 4th axis is squeezed, one with several volumes needs
     ``volume_index`` (ignored for images without a 4th axis); a 3-D image with one slice is
     squeezed when ``expect_ndim=2``. ``dtype`` is the output dtype (float32 by default; give an
-    integer dtype for label maps: values are rounded). Raises :class:`VolumeError`.
+    integer dtype for label maps: values are rounded). ``roots``: folders every file the
+    scan's header names must lie in (``data index --table`` confinement). ``series``: the
+    SeriesInstanceUID to read from a DICOM folder holding several. Nothing but
+    regular files is opened, and sizes are checked against :mod:`anatomap.limits` before any
+    voxel is read. Raises :class:`VolumeError`.
     """
     p = Path(path)
     out_dtype = np.dtype(np.float32 if dtype is None else dtype)
-    if not p.exists():
-        raise VolumeError(p, "file not found")
-    if p.is_dir():
-        array, affine, meta = _read_dicom_dir(p)
-    else:
-        suffix = image_suffix(p)
-        if suffix is None:
-            raise VolumeError(
-                p,
-                f"unsupported file type '{''.join(p.suffixes) or p.name}'; "
-                f"supported: {', '.join(SUPPORTED_SUFFIXES)} or a DICOM folder",
-            )
-        try:
-            size = p.stat().st_size
-        except OSError as exc:
-            raise VolumeError(p, f"cannot access file: {_short(exc)}") from exc
-        if size == 0:
-            raise VolumeError(p, "empty file (0 bytes)")
-        if suffix in NIFTI_SUFFIXES:
-            array, affine, meta = _read_nifti(p, suffix)
-        else:
-            array, affine, meta = _read_itk(p, suffix)
+    with reading(p):
+        array, affine, meta = _read_any(p, roots, series)
     array = _select_dims(p, array, expect_ndim, volume_index)
     _check_geometry(p, affine, array.ndim)
     array = _convert(p, array, out_dtype, check_finite)
@@ -127,6 +111,36 @@ def read_volume(
         path=str(p.resolve()),
         meta=meta,
     )
+
+
+def _read_any(
+    p: Path, roots: Sequence[str | Path] | None, series: str | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Array, affine and meta of a file or DICOM folder (regular files only)."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise VolumeError(p, "file not found") from None
+    except OSError as exc:
+        raise VolumeError(p, f"cannot access file: {_short(exc)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        from anatomap.io.dicom import read_dicom_dir
+
+        return read_dicom_dir(p, series)
+    if not stat.S_ISREG(st.st_mode):
+        raise VolumeError(p, f"a {special_kind(st.st_mode)}, not a regular file; not opened")
+    suffix = image_suffix(p)
+    if suffix is None:
+        raise VolumeError(
+            p,
+            f"unsupported file type '{''.join(p.suffixes) or p.name}'; "
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)} or a DICOM folder",
+        )
+    if st.st_size == 0:
+        raise VolumeError(p, "empty file (0 bytes)")
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(p, suffix)
+    return _read_itk(p, suffix, roots)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +212,19 @@ def _convert(p: Path, array: np.ndarray, dtype: np.dtype, check_finite: bool) ->
         info = np.iinfo(dtype)
         if array.size and (array.min() < info.min or array.max() > info.max):
             raise VolumeError(p, f"values out of range for {dtype}")
-    return np.ascontiguousarray(array.astype(dtype, copy=False))
+    narrowing = dtype.kind == "f" and array.dtype.itemsize > dtype.itemsize
+    if check_finite and narrowing and array.size:  # finite values the cast would make Inf
+        top = float(np.finfo(dtype).max)
+        lo, hi = float(array.min()), float(array.max())
+        if hi > top or lo < -top:
+            n_over = int(np.count_nonzero(array > top) + np.count_nonzero(array < -top))
+            raise VolumeError(
+                p,
+                f"{n_over} voxel value(s) of {array.size} overflow {dtype} (|value| > "
+                f"{top:.4g}; range {lo:.4g} to {hi:.4g})",
+            )
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.ascontiguousarray(array.astype(dtype, copy=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,14 +271,17 @@ def _read_nifti(p: Path, suffix: str) -> tuple[np.ndarray, np.ndarray, dict]:
             raw = _raw_nifti_header(img, p)
             shape = tuple(int(n) for n in img.shape)
             itemsize = img.get_data_dtype().itemsize
-            nbytes = int(np.prod(shape, dtype=np.float64)) * itemsize
+            values = int(np.prod(shape, dtype=object))
+            nbytes = values * itemsize
+            check_size(p, shape, values, nbytes)
             size = p.stat().st_size
             offset = int(raw.get_data_offset())
             if suffix == ".nii" and offset + nbytes > size:
                 raise VolumeError(
                     p, f"truncated file: {size} bytes but header needs {offset + nbytes}"
                 )
-            if suffix == ".nii.gz" and nbytes > _MAX_GZIP_RATIO * size + (1 << 20):
+            ratio = limits.MAX_COMPRESSION_RATIO
+            if suffix == ".nii.gz" and nbytes > ratio * size + (1 << 20):
                 raise VolumeError(
                     p,
                     f"corrupt header or truncated file: header needs {nbytes} bytes of "
@@ -311,9 +340,12 @@ def _itk_reason(exc: BaseException, stage: str) -> str:
     return f"cannot read header: {text}"
 
 
-def _read_itk(p: Path, suffix: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def _read_itk(
+    p: Path, suffix: str, roots: Sequence[str | Path] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     import SimpleITK as sitk
 
+    header = check_text_header(p, roots)  # before ITK opens any file the header names
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
@@ -322,8 +354,13 @@ def _read_itk(p: Path, suffix: str) -> tuple[np.ndarray, np.ndarray, dict]:
         raise VolumeError(p, _itk_reason(exc, "header")) from exc
     size = reader.GetSize()
     n_comp = reader.GetNumberOfComponents()
-    n_values = float(np.prod(size, dtype=np.float64)) * n_comp  # each value takes >= 1 byte
-    if suffix not in _DETACHED and n_values > _MAX_GZIP_RATIO * p.stat().st_size + (8 << 20):
+    n_values = int(np.prod(size, dtype=object)) * n_comp  # each value takes >= 1 byte
+    if n_values == 0:
+        raise VolumeError(p, f"image has no voxels (shape {tuple(size)})")
+    check_size(p, size, n_values, n_values)
+    inline = header is None or not header.files
+    ratio = limits.MAX_COMPRESSION_RATIO
+    if inline and n_values > ratio * p.stat().st_size + (8 << 20):
         raise VolumeError(
             p, f"corrupt header or truncated file: header declares size {tuple(size)}"
         )
@@ -357,97 +394,3 @@ def sitk_to_array_affine(img) -> tuple[np.ndarray, np.ndarray]:
     affine_lps[:n, :n] = direction[:n, :n] * spacing[None, :n]
     affine_lps[:n, 3] = origin[:n]
     return arr, geometry.LPS_TO_RAS @ affine_lps
-
-
-# --------------------------------------------------------------------------------------------
-# DICOM series (SimpleITK / GDCM, slice geometry checked with pydicom headers)
-# --------------------------------------------------------------------------------------------
-
-
-def _read_dicom_dir(p: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    import SimpleITK as sitk
-
-    try:
-        entries = [e for e in os.listdir(p) if not e.startswith(".")]
-    except OSError as exc:
-        raise VolumeError(p, f"cannot list folder: {_short(exc)}") from exc
-    if not any((p / e).is_file() for e in entries):
-        raise VolumeError(p, "empty folder (no files)")
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
-    except Exception as exc:
-        raise VolumeError(p, f"cannot scan folder for DICOM: {_short(exc)}") from exc
-    if not series:
-        raise VolumeError(p, "no DICOM series found in folder")
-    if len(series) > 1:
-        raise VolumeError(p, f"mixed series: {len(series)} series in one folder")
-    try:
-        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), series[0]))
-    except Exception as exc:
-        raise VolumeError(p, f"cannot list DICOM series: {_short(exc)}") from exc
-    if not files:
-        raise VolumeError(p, "no DICOM files in series")
-    meta = _check_dicom_slices(p, files)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        img = reader.Execute()
-    except Exception as exc:
-        raise VolumeError(p, f"cannot read DICOM series: {_short(exc)}") from exc
-    array, affine = sitk_to_array_affine(img)
-    if "slice_spacing" in meta and array.ndim == 3:
-        # trust the checked median slice distance rather than ITK's first-pair estimate
-        col = affine[:3, 2]
-        affine[:3, 2] = col / np.linalg.norm(col) * meta["slice_spacing"]
-    meta.update(format="dicom", n_files=len(files), series_uid=series[0])
-    return array, affine, meta
-
-
-def _check_dicom_slices(p: Path, files: Sequence[str]) -> dict:
-    """Check slice positions along the slice normal: duplicates, gaps, uneven spacing."""
-    import pydicom
-
-    positions, orientations, meta = [], [], {}
-    for i, f in enumerate(files):
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception as exc:
-            raise VolumeError(p, f"unreadable DICOM file {Path(f).name}: {_short(exc)}") from exc
-        if i == 0:
-            meta["modality"] = str(ds.get("Modality", "") or "")
-        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-        if ipp is None or iop is None:
-            return meta  # no geometry tags: nothing to check (ITK falls back to defaults)
-        positions.append([float(v) for v in ipp])
-        orientations.append([float(v) for v in iop])
-    orient = np.asarray(orientations)
-    if np.abs(orient - orient[0]).max() > 1e-4:
-        raise VolumeError(p, "inconsistent slice orientation within the series")
-    normal = np.cross(orient[0, :3], orient[0, 3:])
-    dist = np.sort(np.asarray(positions) @ normal)
-    if len(dist) < 2:
-        return meta
-    steps = np.diff(dist)
-    median = float(np.median(steps))
-    if np.any(steps < 1e-4) or median <= 1e-4:
-        n_dup = int(np.sum(steps < 1e-4))
-        raise VolumeError(p, f"{n_dup} duplicate slice position(s) in the series")
-    if len(steps) >= 2 and median > 0:
-        bad = np.abs(steps - median) > _SLICE_TOLERANCE * median
-        if np.any(bad):
-            k = int(np.argmax(np.abs(steps - median)))
-            ratio = steps[k] / median
-            if abs(ratio - round(ratio)) <= _SLICE_TOLERANCE * round(ratio) and round(ratio) >= 2:
-                missing = int(sum(round(s / median) - 1 for s in steps[bad]))
-                raise VolumeError(
-                    p,
-                    f"missing slices: {missing} slice(s) absent (gap of {steps[k]:.4g} mm after "
-                    f"slice {k + 1} of {len(dist)}; slices are {median:.4g} mm apart)",
-                )
-            raise VolumeError(
-                p,
-                f"inconsistent slice spacing: {int(bad.sum())} step(s) differ from the "
-                f"median {median:.4g} mm by > {_SLICE_TOLERANCE:.0%} (e.g. {steps[k]:.4g} mm)",
-            )
-    meta["slice_spacing"] = median
-    return meta

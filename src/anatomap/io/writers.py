@@ -6,6 +6,7 @@ into place), so a failed write never leaves a half-written or temporary file beh
 
 from __future__ import annotations
 
+import locale
 import uuid
 from pathlib import Path
 
@@ -203,7 +204,19 @@ def write_dicom_series(
 
 
 def _write_slices(img, common: list[tuple[str, str]], series_uid: str, folder: Path) -> list[str]:
-    """Write each axial slice of the SimpleITK ``img`` as ``folder/NNNN.dcm``; the file names."""
+    """Write each axial slice of the SimpleITK ``img`` as ``folder/NNNN.dcm``; the file names.
+    GDCM's writer leaves the process locale at "C" (text files then read as ASCII): it is
+    put back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_each_slice(img, common, series_uid, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_each_slice(
+    img, common: list[tuple[str, str]], series_uid: str, folder: Path
+) -> list[str]:
     import SimpleITK as sitk
 
     writer = sitk.ImageFileWriter()

@@ -121,12 +121,6 @@ class PretrainModule(L.LightningModule):
         self.objective = get_objective(cfg.objective.name)(params, self.encoder)
         self.rank_fingerprints: list[str] = []
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Per-sample seeds stay on the host: objectives seed CPU generators from them.
-        if isinstance(batch, dict) and isinstance(batch.get("seed"), torch.Tensor):
-            batch["seed"] = batch["seed"].tolist()
-        return batch
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.objective(self.encoder, batch)
         loss = out["loss"]
@@ -216,6 +210,12 @@ class ViewDataModule(L.LightningDataModule):
                 cache, subjects, spec, cfg.data.samples_per_epoch, seed=cfg.trainer.seed
             )
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Per-sample seeds stay on the host: objectives seed CPU generators from them.
+        if isinstance(batch, dict) and isinstance(batch.get("seed"), torch.Tensor):
+            batch["seed"] = batch["seed"].tolist()
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         workers = self.cfg.data.num_workers

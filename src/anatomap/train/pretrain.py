@@ -8,6 +8,7 @@ A run folder holds ``config.yaml`` (resolved), ``logs/metrics.csv`` and TensorBo
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from anatomap.config import RunConfig, dump_config
 from anatomap.data.cache import Cache
 from anatomap.errors import AnatomapError
 from anatomap.io.atomic import atomic_write_json, atomic_write_text
+from anatomap.io.lock import holds_lock
 from anatomap.train.module import (
     PretrainModule,
     ViewDataModule,
@@ -109,6 +111,22 @@ def _meta(
     }
 
 
+def _same_data(run: Path, cache: Cache) -> None:
+    """On ``--resume``: the cache must be the one the run was trained on (``run.json``)."""
+    try:
+        data = json.loads((run / "run.json").read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record of the data (a run from an older anatomap): nothing to compare
+    if data.get("fingerprint") != cache.fingerprint() or data.get("modalities") != cache.modalities:
+        raise AnatomapError(
+            f"{run}: trained on cache {data.get('cache')} (fingerprint {data.get('fingerprint')}"
+            f", modalities {data.get('modalities')}), but data.cache={cache.root} has "
+            f"fingerprint {cache.fingerprint()}, modalities {cache.modalities}; resume with "
+            "the same cache, or start a new run"
+        )
+
+
+@holds_lock(lambda cfg, **_: Path(cfg.output), "training run")  # one writer per run folder
 def pretrain(
     cfg: RunConfig,
     *,
@@ -128,10 +146,10 @@ def pretrain(
             f"{run}: run folder already holds a checkpoint; pass --resume to continue it, "
             "--overwrite to start again, or choose another output="
         )
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", dump_config(cfg), what="config")
-
+    # every input is validated (cache, held-out file, model) before the run folder changes
     cache = Cache(cfg.data.cache)
+    if resume:
+        _same_data(run, cache)
     heldout = heldout_subjects(cfg, config_dir)
     train = [s for s in cache.subjects if s not in set(heldout)]
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -140,6 +158,8 @@ def pretrain(
     data = ViewDataModule(cfg, cache, train, module.objective.view_spec())
     meta = _meta(cfg, cache, train, heldout, heldout_file(cfg, config_dir))
     meta["encoder"] = encoder_spec(cfg, len(cache.modalities)).to_dict()
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "config.yaml", dump_config(cfg), what="config")
     atomic_write_json(run / "run.json", meta)
 
     trainer = L.Trainer(
