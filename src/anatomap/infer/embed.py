@@ -86,13 +86,17 @@ class DenseEmbedding:
         except Exception as exc:  # safetensors raises its own types
             raise AnatomapError(f"{path}: not an anatomap embedding file ({exc})") from None
         img_aff = info.get("image_affine")
+        coarse = tensors["coarse"].float()
+        fine = (
+            tensors["fine_voxel_major"].float().movedim(-1, 0)
+            if "fine_voxel_major" in tensors
+            else tensors["fine"].float()
+        )
+        if not (torch.isfinite(coarse).all() and torch.isfinite(fine).all()):
+            raise AnatomapError(f"{path}: embedding holds NaN or infinite values; re-embed it")
         return cls(
-            tensors["coarse"].float(),
-            (
-                tensors["fine_voxel_major"].float().movedim(-1, 0)
-                if "fine_voxel_major" in tensors
-                else tensors["fine"].float()
-            ),
+            coarse,
+            fine,
             np.asarray(info["coarse_affine"]),
             np.asarray(info["fine_affine"]),
             info.get("source", ""),

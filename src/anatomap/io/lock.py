@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from anatomap.errors import AnatomapError
+from anatomap.io.atomic import reason
 
 LOCK_NAME = ".anatomap.lock"
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "OMPI_COMM_WORLD_RANK")
@@ -130,8 +131,13 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
                 raise LockError(f"{folder}: cannot lock ({exc.strerror})") from None
             fallback = _exclusive(folder, what)
         acquired = True
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder().encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder().encode(), 0)
+        except OSError as exc:
+            raise LockError(
+                f"{folder / LOCK_NAME}: cannot write the lock file ({reason(exc)})"
+            ) from None
         yield folder / LOCK_NAME
     finally:
         if fallback is not None:
