@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 from anatomap import geometry
 from anatomap.data.cache import Cache, CachedSubject
 from anatomap.errors import ConfigError
+from anatomap.io.lock import pid_alive
 
 
 @dataclass(frozen=True)
@@ -292,21 +293,11 @@ _RECEIVED: dict[int, dict[int, torch.Tensor]] = {}
 each one once; dropped when their worker has exited."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _unpack_ring_batch(
     batch: dict[str, Any], ring: dict[str, torch.Tensor], pid: int
 ) -> dict[str, Any]:
     """Runs in the process that receives a batch: private copies of the ring's tensors."""
-    for other in [p for p in _RECEIVED if p != pid and not _alive(p)]:
+    for other in [p for p in _RECEIVED if p != pid and not pid_alive(p)]:
         del _RECEIVED[other]
     kept = _RECEIVED.setdefault(pid, {})
     for key, buf in ring.items():

@@ -86,7 +86,8 @@ def _remove_mine(path: Path, tmp: Path) -> None:
 
 
 def fsync_dir(path: str | Path) -> None:
-    """Flush a folder's entries to disk (best effort: not every filesystem allows it)."""
+    """Flush a folder's entries (or a file's data) to disk (best effort: not every
+    filesystem allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -105,19 +106,6 @@ def write_synced(path: str | Path, data: bytes | memoryview) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _sync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def temp_name(path: Path, suffix: str = "") -> Path:
@@ -158,7 +146,7 @@ def atomic_path(
         yield tmp
         if tmp.is_file():
             os.chmod(tmp, 0o666 & ~_umask())
-            _sync_file(tmp)
+            fsync_dir(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as exc:

@@ -73,7 +73,8 @@ def _busy(folder: Path, what: str, lock: Path, hint: str = "") -> LockError:
     )
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,7 +93,7 @@ def _exclusive(folder: Path, what: str) -> Path:
         except FileExistsError:
             try:
                 info = json.loads(path.read_text(encoding="utf-8"))
-                stale = info["host"] == socket.gethostname() and not _alive(int(info["pid"]))
+                stale = info["host"] == socket.gethostname() and not pid_alive(int(info["pid"]))
             except (OSError, ValueError, KeyError, TypeError):
                 stale = False
             if not stale:
