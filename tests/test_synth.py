@@ -314,3 +314,99 @@ def test_brain_template_subject() -> None:
     assert len(inner) >= 30 and np.mean(inner) >= 0.95
     means = {k: s.image[s.labels["tissue"] == k].mean() for k in (1, 2, 3)}
     assert means[1] > means[2] > means[3]  # T2-like: CSF > GM > WM
+
+
+# -- several contrast renders of one anatomy -------------------------------------------------
+
+
+def test_renders_share_one_deformation(toy: LabelSource, cfg: SynthConfig) -> None:
+    from anatomap.data.synth.subject import SynthParams, in_memory_subject
+
+    one = synth_subject(toy, cfg, [2, 5])
+    three = synth_subject(toy, cfg.model_copy(update={"renders": 3}), [2, 5])
+    # the first render is the subject renders=1 draws; the others are new contrasts on it
+    assert np.array_equal(one.image, three.image) and one.params.contrast == three.contrast
+    assert len(three.images) == 3 and all(im.shape == one.image.shape for im in three.images)
+    assert not np.allclose(three.images[1], three.images[2])
+    x = geometry.voxel_to_world(one.affine, np.array([[3.0, 4.0, 5.0]]))
+    assert np.allclose(one.to_template(x), three.to_template(x))
+    back = SynthParams.from_dict(three.params.to_dict())
+    assert back == three.params and [r.contrast for r in back.renders] == [
+        r.contrast for r in three.params.renders
+    ]
+    cached = in_memory_subject(three, "s", "mri")
+    assert cached.image.shape == (3, *cached.shape) and cached.present.tolist() == [True] * 3
+
+
+def _cut_channel(sub, c: int, affine: np.ndarray, size: int) -> np.ndarray:
+    """Channel ``c`` of ``sub`` sampled on a view's voxel grid (scale 1: plain copy)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    at = geometry.world_to_voxel(sub.affine, geometry.voxel_to_world(affine, ijk.astype(float)))
+    at = np.rint(at).astype(int)
+    inside = np.all((at >= 0) & (at < np.asarray(sub.shape)), axis=1)
+    out = np.zeros(len(at), np.float32)
+    out[inside] = np.asarray(sub.image[c])[tuple(at[inside].T)]
+    return out.reshape((size,) * 3)
+
+
+def test_cohort_renders_give_cross_contrast_views(
+    toy: LabelSource, cfg: SynthConfig, tmp_path: Path
+) -> None:
+    from anatomap.data.cache import Cache, build_cache
+    from anatomap.data.manifest import index_directory
+
+    out = tmp_path / "cohort"
+    two = cfg.model_copy(update={"renders": 2})
+    res = write_synth_cohort(out, 3, toy, two, seed=4, n_heldout=1, held_out_contrasts=["ct"])
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == [
+        "sub-000_synth.nii.gz",
+        "sub-000_synth2.nii.gz",
+        "sub-001_synth.nii.gz",
+        "sub-001_synth2.nii.gz",
+        "sub-002_synth.nii.gz",  # held out: one contrast to evaluate on
+    ]
+    assert "+" in res.contrasts["sub-000"] and res.contrasts["sub-002"] == "ct"
+    index = index_directory(out)
+    assert not index.problems, index.problems
+    built = build_cache(index.subjects, tmp_path / "cache", spacing=2.0, progress=False).cache
+    assert built.modalities == ["synth", "synth2"]
+    assert built["sub-002"].present.tolist() == [True, False]
+    spec = ViewSpec(size=(12, 12, 12), min_overlap=0.3, modality_per_view=True)
+    ds = LocatedViewDataset(built, ["sub-000", "sub-001"], spec, 4, seed=3)
+    for k in range(4):
+        item = ds[k]
+        assert item["image"].shape == (2, 1, 12, 12, 12) and item["modality_mask"].tolist() == [
+            True
+        ]
+        sub = built[item["subject"]]
+        # each view is a copy of one channel, and the two views show different channels
+        shown = []
+        for v in range(2):
+            view = item["image"][v, 0].numpy()
+            err = [
+                np.abs(view - _cut_channel(sub, c, item["affine"][v].numpy(), 12)).max()
+                for c in (0, 1)
+            ]
+            assert min(err) < 1e-5
+            shown.append(int(np.argmin(err)))
+        assert sorted(shown) == [0, 1]
+    # a held-out subject with one render: both views show it
+    held = LocatedViewDataset(built, ["sub-002"], spec, 2, seed=3)[0]
+    assert held["image"].shape == (2, 1, 12, 12, 12)
+    assert Cache(tmp_path / "cache", channels=1)["sub-000"].image.shape[0] == 1
+    # fewer renders on a rerun: the extra files go
+    write_synth_cohort(out, 3, toy, cfg, seed=4, n_heldout=1, held_out_contrasts=["ct"])
+    assert not list((out / "images").glob("*_synth2.nii.gz"))
+
+
+def test_renders_need_one_modality_per_view() -> None:
+    from anatomap.config import RunConfig
+    from anatomap.errors import ConfigError
+    from anatomap.validation import validate_model
+
+    tree = {"data": {"cache": "c", "synth": {"generator": {"renders": 2}}}}
+    with pytest.raises(ConfigError, match="modality_per_view"):
+        validate_model(RunConfig, tree, "cfg")
+    tree["data"]["modality_per_view"] = True
+    assert validate_model(RunConfig, tree, "cfg").data.modality_per_view

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from anatomap import limits
 from anatomap.errors import ConfigError
@@ -89,6 +89,12 @@ class DataConfig(Strict):
     )
     samples_per_epoch: int = Field(default=256, gt=0)
     num_workers: int = Field(default=0, ge=0)
+    modality_per_view: bool = Field(
+        default=False,
+        description="each view shows one of the subject's modalities (different ones per "
+        "view where there are several): positives across contrasts; the encoder takes one "
+        "channel",
+    )
     synth: SynthDataConfig | None = Field(
         default=None, description="train on synthetic subjects generated on the fly"
     )
@@ -146,6 +152,17 @@ class RunConfig(Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _renders_need_one_per_view(self) -> RunConfig:
+        synth = self.data.synth
+        renders = int(synth.generator.get("renders", 1)) if synth is not None else 1
+        if renders > 1 and not self.data.modality_per_view:
+            raise ValueError(
+                "data.synth.generator.renders > 1 needs data.modality_per_view: true "
+                "(each view shows one render)"
+            )
+        return self
 
     @property
     def objective_params(self) -> ObjectiveParams:

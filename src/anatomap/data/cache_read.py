@@ -28,6 +28,7 @@ class CachedSubject:
     _image: np.ndarray | None = field(default=None, repr=False)
     _foreground: np.ndarray | None = field(default=None, repr=False)
     _pool: MapPool | None = field(default=None, repr=False)  # the cache's open maps (LRU)
+    channels: int | None = field(default=None, repr=False)  # the first ones only (None: all)
 
     @property
     def id(self) -> str:
@@ -44,15 +45,16 @@ class CachedSubject:
     @property
     def present(self) -> np.ndarray:
         """Boolean mask over the cache's modalities: which ones this subject has."""
-        return np.asarray(self.meta["present"], bool)
+        return np.asarray(self.meta["present"], bool)[: self.channels]
 
     @property
     def image(self) -> np.ndarray:
+        """``[C, *shape]`` (a memory map); the first ``channels`` when that is set."""
         if self._image is None and self._pool is not None:
-            return self._pool.get(self.root / "image.npy")
+            return self._pool.get(self.root / "image.npy")[: self.channels]
         if self._image is None:
             self._image = np.load(self.root / "image.npy", mmap_mode="r")
-        return self._image
+        return self._image[: self.channels]
 
     @property
     def foreground(self) -> np.ndarray:
@@ -83,10 +85,15 @@ class CachedSubject:
 class Cache:
     """Read access to a cache folder written by :func:`build_cache`. Any number of processes
     may read one cache at once (nothing is written); at most ``max_open`` memory maps stay
-    open per process (:class:`~anatomap.data.mmaps.MapPool`, least recently used closed)."""
+    open per process (:class:`~anatomap.data.mmaps.MapPool`, least recently used closed).
+    ``channels``: serve only the first modalities (a model trained with one modality per
+    view evaluates on the first)."""
 
-    def __init__(self, root: str | Path, max_open: int | None = None) -> None:
+    def __init__(
+        self, root: str | Path, max_open: int | None = None, channels: int | None = None
+    ) -> None:
         self.root = Path(root)
+        self.channels = channels
         self._pool = MapPool(max_open)
         index = self.root / "cache.json"
         if not index.is_file():
@@ -105,7 +112,7 @@ class Cache:
 
     @property
     def modalities(self) -> list[str]:
-        return list(self.info["modalities"])
+        return list(self.info["modalities"])[: self.channels]
 
     @property
     def spacing(self) -> float | list[float] | None:
@@ -125,7 +132,9 @@ class Cache:
                 raise AnatomapError(f"{self.root / 'cache.json'}: {why}")
             folder = self.root / "subjects" / subject
             meta = json.loads((folder / "meta.json").read_text())
-            self._entries[subject] = CachedSubject(folder, meta, _pool=self._pool)
+            self._entries[subject] = CachedSubject(
+                folder, meta, _pool=self._pool, channels=self.channels
+            )
         return self._entries[subject]
 
     def fingerprint(self) -> str:

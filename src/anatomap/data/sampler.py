@@ -60,6 +60,10 @@ class ViewSpec:
     - ``foreground``: centres drawn on foreground voxels (else anywhere in the volume).
     - ``min_overlap`` / ``max_overlap``: bounds on the fraction of view 0 that each other
       view covers (rejection sampling, ``max_tries`` tries; the closest try is kept).
+    - ``modality_per_view``: each view shows ONE of the subject's present modalities (a
+      random permutation of them, cycled over the views, so two views of a subject with two
+      or more show different ones): views ``[V, 1, *size]``. With several contrast renders of
+      one anatomy (``anatomap data synth --renders``) positives then span contrasts.
     """
 
     num_views: int = 2
@@ -71,6 +75,7 @@ class ViewSpec:
     max_tries: int = 50
     pad_value: float = 0.0
     intensity: IntensityAugment | None = None
+    modality_per_view: bool = False
 
     def __post_init__(self) -> None:
         if self.num_views < 1:
@@ -179,7 +184,12 @@ def sample_views(
     """
     out_shape = _box_shape(spec)
     image, affine = subject.image, subject.affine
-    images = np.empty((spec.num_views, image.shape[0], *spec.size), np.float32)
+    channels: list[int] | None = None
+    if spec.modality_per_view:
+        present = np.flatnonzero(subject.present)
+        channels = [int(c) for c in rng.permutation(present if len(present) else [0])]
+    n_channels = 1 if channels else image.shape[0]
+    images = np.empty((spec.num_views, n_channels, *spec.size), np.float32)
     affines = np.empty((spec.num_views, 4, 4), np.float64)
     first: tuple[np.ndarray, np.ndarray] | None = None
     constrained = spec.min_overlap is not None or spec.max_overlap is not None
@@ -222,12 +232,22 @@ def sample_views(
         if first is None:
             first = (centre, src_shape)
         dst = images[v] if len(spec.size) == 3 else images[v][..., None]
+        src = image
+        if channels:
+            c = channels[v % len(channels)]
+            src = image[c : c + 1]
         if spec.intensity is None:
-            _, affines[v] = _cut(image, affine, centre, src_shape, out_shape, spec.pad_value, dst)
+            _, affines[v] = _cut(src, affine, centre, src_shape, out_shape, spec.pad_value, dst)
         else:
-            img, affines[v] = _cut(image, affine, centre, src_shape, out_shape, spec.pad_value)
+            img, affines[v] = _cut(src, affine, centre, src_shape, out_shape, spec.pad_value)
             dst[...] = spec.intensity.apply(img, rng)
     return images, affines
+
+
+def modality_mask(subject: CachedSubject, spec: ViewSpec) -> np.ndarray:
+    """Which input channels of a sample hold a modality: ``subject.present``, or one channel
+    with ``spec.modality_per_view``."""
+    return np.ones(1, bool) if spec.modality_per_view else subject.present.copy()
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -282,7 +302,7 @@ class LocatedViewDataset(Dataset):
         return {
             "image": torch.from_numpy(images),
             "affine": torch.from_numpy(affines),
-            "modality_mask": torch.from_numpy(subject.present.copy()),
+            "modality_mask": torch.from_numpy(modality_mask(subject, self.spec)),
             "subject": sid,
             "seed": torch.tensor(sample_seed(self.seed, epoch, i)),
         }

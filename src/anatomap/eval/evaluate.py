@@ -64,7 +64,9 @@ def evaluate(
     """
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.meta
-    cache_obj = Cache(cache or meta["data"]["cache"])
+    # one channel per view in training: evaluate on the first modality
+    channels = ckpt.encoder.in_channels if meta["data"].get("modality_per_view") else None
+    cache_obj = Cache(cache or meta["data"]["cache"], channels=channels)
     if subjects is None:
         subjects = [s for s in meta["data"].get("heldout_subjects", []) if s in cache_obj]
     if not subjects:

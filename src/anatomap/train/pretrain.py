@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,7 @@ def _meta(
             "train_subjects": train,
             "heldout_subjects": heldout,
             "heldout_file": str(split) if split else None,
+            "modality_per_view": cfg.data.modality_per_view,
         },
     }
 
@@ -154,10 +155,13 @@ def pretrain(
     train = [s for s in cache.subjects if s not in set(heldout)]
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     t = cfg.trainer
-    module = PretrainModule(cfg, len(cache.modalities))
-    data = ViewDataModule(cfg, cache, train, module.objective.view_spec())
+    per_view = cfg.data.modality_per_view
+    channels = 1 if per_view else len(cache.modalities)
+    module = PretrainModule(cfg, channels)
+    spec = replace(module.objective.view_spec(), modality_per_view=per_view)
+    data = ViewDataModule(cfg, cache, train, spec)
     meta = _meta(cfg, cache, train, heldout, heldout_file(cfg, config_dir))
-    meta["encoder"] = encoder_spec(cfg, len(cache.modalities)).to_dict()
+    meta["encoder"] = encoder_spec(cfg, channels).to_dict()
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "config.yaml", dump_config(cfg), what="config")
     atomic_write_json(run / "run.json", meta)

@@ -2,7 +2,9 @@
 
 Layout (``NAME`` = ``sub-000``, ``sub-001``, ...)::
 
-    OUT/images/NAME_<modality>.nii.gz        float32 image (HU for the ct family)
+    OUT/images/NAME_<modality>.nii.gz        float32 image (HU for the ct family); with
+                                             ``renders`` > 1 also NAME_<modality>2, 3, ...
+                                             (other contrasts, same deformation and grid)
     OUT/labels/NAME_<label>_dseg.nii.gz      each label map of the source (tissue, aal, ...)
     OUT/landmarks/NAME_landmarks.csv         name,x,y,z (subject world mm), those in view
     OUT/params/NAME.json                     everything drawn (SynthParams) + the request
@@ -73,6 +75,8 @@ def _split_config(
 ) -> SynthConfig:
     """Training subjects never see ``held_out`` families; held-out subjects use only them."""
     cfg = (other or config) if heldout else config
+    if heldout and other is None and cfg.renders > 1:  # evaluation subjects: one contrast
+        cfg = SynthConfig.model_validate({**cfg.model_dump(), "renders": 1})
     if not held_out:
         return cfg
     allowed = list(held_out) if heldout else [c for c in cfg.contrasts if c not in held_out]
@@ -81,10 +85,22 @@ def _split_config(
     return SynthConfig.model_validate({**cfg.model_dump(), "contrasts": allowed})
 
 
+def render_modalities(modality: str, renders: int) -> list[str]:
+    """File modality names of a subject's renders: ``modality`` for the first, then
+    ``modality2``, ``modality3``, ... (``anatomap data cache`` sees them as modalities)."""
+    return [modality] + [f"{modality}{r + 1}" for r in range(1, renders)]
+
+
 def _write_subject(root: Path, sid: str, sub: SynthSubject, modality: str, request: dict) -> None:
-    write_volume(
-        Volume(sub.image, sub.affine, modality, sid), root / "images" / f"{sid}_{modality}.nii.gz"
-    )
+    names = render_modalities(modality, len(sub.images))
+    images = root / "images"
+    if images.is_dir():  # renders an earlier request wrote that this one does not
+        keep = {f"{sid}_{n}.nii.gz" for n in names}
+        for f in images.glob(f"{sid}_*.nii.gz"):
+            if f.name not in keep:
+                f.unlink()
+    for name, image in zip(names, sub.images, strict=True):
+        write_volume(Volume(image, sub.affine, name, sid), root / "images" / f"{sid}_{name}.nii.gz")
     for name, lab in sub.labels.items():
         arr = lab.astype(np.int16 if lab.max(initial=0) < 2**15 else np.int32)
         write_volume(
@@ -98,6 +114,11 @@ def _write_subject(root: Path, sid: str, sub: SynthSubject, modality: str, reque
         path.unlink(missing_ok=True)
     record = {"request": request, "n_landmarks": len(names), "params": sub.params.to_dict()}
     atomic_write_json(root / "params" / f"{sid}.json", record)
+
+
+def _contrasts(params: dict[str, Any]) -> str:
+    """The subject's contrast families, ``+``-joined over its renders (``t1+gmm``)."""
+    return "+".join([params["contrast"], *(r["contrast"] for r in params.get("extra_renders", []))])
 
 
 def _check_request(n: int, n_heldout: int, held_out: Sequence[str], modality: str) -> None:
@@ -186,9 +207,9 @@ def write_synth_cohort(
             sub = synth_subject(sources, sub_cfg, [seed, i])
             _write_subject(root, sid, sub, modality, request)
             written += 1
-            contrast, k = sub.contrast, sub.params.source
+            contrast, k = _contrasts(sub.params.to_dict()), sub.params.source
         else:
-            contrast, k = record["params"]["contrast"], record["params"]["source"]
+            contrast, k = _contrasts(record["params"]), record["params"]["source"]
         contrasts[sid] = contrast
         rows.append([sid, "heldout" if heldout else "train", contrast, sources[k].name])
     _write_tables(root, sources, rows)

@@ -60,6 +60,13 @@ class SynthConfig(BaseModel):
         default_factory=lambda: list(FAMILIES),
         description=f"contrast families allowed (of {', '.join(FAMILIES)})",
     )
+    renders: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="contrast renders per subject under one deformation and field of view "
+        "(each its own family, paint and artefacts): cross-contrast positives for training",
+    )
     real_fraction: float = Field(
         0.2, ge=0, le=1, description="probability of the source's real intensities ('real')"
     )

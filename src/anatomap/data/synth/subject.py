@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from anatomap import geometry
 from anatomap.data.cache import MAX_FOREGROUND_POINTS, CachedSubject
 from anatomap.data.phantoms import oriented_affine
-from anatomap.data.sampler import ViewSpec, sample_seed, sample_views
+from anatomap.data.sampler import ViewSpec, modality_mask, sample_seed, sample_views
 from anatomap.data.synth.config import SynthConfig
 from anatomap.data.synth.render import (
     Acquisition,
@@ -41,6 +41,28 @@ from anatomap.geometry.fields import (
 Seed = int | Sequence[int]
 Sources = LabelSource | Sequence[LabelSource] | None
 _CODES = ("RL", "AP", "SI")  # world axis -> (positive, negative) orientation letter
+
+
+@dataclass(frozen=True)
+class Render:
+    """One contrast of a subject: its family, paint and acquisition artefacts."""
+
+    contrast: str
+    paint: Paint
+    acquisition: Acquisition
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Render:
+        return cls(d["contrast"], Paint(**d["paint"]), Acquisition(**d["acquisition"]))
+
+
+def _draw_render(rng: np.random.Generator, src: LabelSource, cfg: SynthConfig) -> Render:
+    family = choose_family(rng, src, cfg.contrasts, cfg.real_fraction)
+    return Render(
+        family,
+        draw_paint(rng, src, family, cfg),
+        draw_acquisition(rng, cfg, family, cfg.spacing),
+    )
 
 
 @dataclass(frozen=True)
@@ -75,15 +97,22 @@ class SynthParams:
     fov_cut_axes: list[int]
     paint: Paint
     acquisition: Acquisition
+    extra_renders: list[Render] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SynthParams:
-        kw = {k: d[k] for k in cls.__dataclass_fields__}
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         kw["paint"], kw["acquisition"] = Paint(**d["paint"]), Acquisition(**d["acquisition"])
+        kw["extra_renders"] = [Render.from_dict(r) for r in d.get("extra_renders", [])]
         return cls(**kw)
+
+    @property
+    def renders(self) -> list[Render]:
+        """Every contrast render of the subject (the first is ``contrast``/``paint``/...)."""
+        return [Render(self.contrast, self.paint, self.acquisition), *self.extra_renders]
 
     def world_map(self) -> WorldMap:
         """The exact subject world -> source (template) world map."""
@@ -171,11 +200,13 @@ def draw_params(sources: Sequence[LabelSource], cfg: SynthConfig, seed: Seed) ->
         stride *= 2
     margin = int(np.ceil(cfg.field_margin_mm / (stride * cfg.spacing)))
     f_affine, f_shape = subdividing_grid(img_affine, shape, stride, margin)
-    family = choose_family(rng, src, cfg.contrasts, cfg.real_fraction)
+    first = _draw_render(rng, src, cfg)
+    # drawn after everything else: renders=1 draws exactly what it always drew
+    extra = [_draw_render(rng, src, cfg) for _ in range(cfg.renders - 1)]
     return SynthParams(
         seed=[int(s) for s in np.atleast_1d(seed)],
         source=k,
-        contrast=family,
+        contrast=first.contrast,
         **{n: glob[n] for n in ("rotation_deg", "scale", "shear", "translation_mm")},
         affine=glob["affine"].tolist(),
         field_affine=f_affine.tolist(),
@@ -190,8 +221,9 @@ def draw_params(sources: Sequence[LabelSource], cfg: SynthConfig, seed: Seed) ->
         shape=shape,
         image_affine=img_affine.tolist(),
         fov_cut_axes=cut,
-        paint=draw_paint(rng, src, family, cfg),
-        acquisition=draw_acquisition(rng, cfg, family, cfg.spacing),
+        paint=first.paint,
+        acquisition=first.acquisition,
+        extra_renders=extra,
     )
 
 
@@ -199,7 +231,8 @@ def draw_params(sources: Sequence[LabelSource], cfg: SynthConfig, seed: Seed) ->
 class SynthSubject:
     """One synthetic subject: ``image`` (float32; HU for the ``ct`` family, else [0, 1]) and
     ``labels`` (name -> int map) on the grid ``affine`` (voxel -> subject world, RAS mm),
-    ``anatomy`` (bool, the source's classes > 0 there), the ``params`` drawn and the source.
+    ``anatomy`` (bool, the source's classes > 0 there), the ``params`` drawn and the source;
+    ``extra_images``: the further contrast renders of ``config.renders > 1`` (same grid).
     """
 
     image: np.ndarray
@@ -208,11 +241,17 @@ class SynthSubject:
     anatomy: np.ndarray
     params: SynthParams
     source: LabelSource = field(repr=False)
+    extra_images: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
     def contrast(self) -> str:
         """The contrast family used (``real``: the source's own intensities)."""
         return self.params.contrast
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        """Every render (``config.renders``): ``image`` first, same grid and anatomy."""
+        return [self.image, *self.extra_images]
 
     @functools.cached_property
     def world_map(self) -> WorldMap:
@@ -265,24 +304,32 @@ def render(sources: Sequence[LabelSource], p: SynthParams) -> SynthSubject:
     sampled = sample(stack, grid, mode="nearest").round().numpy()
     on_grid = {id(a): sampled[i].astype(a.dtype) for i, a in enumerate(maps)}
     classes = on_grid[id(src.classes)]
-    if p.contrast == "real":
-        assert src.image is not None
-        image = sample(torch.from_numpy(src.image)[None], grid)[0].numpy()
-    else:  # beyond the source's grid: background (air is -1000 HU, not 0)
-        pad = np.float32(p.paint.means[0])
-        painted = torch.from_numpy(paint_source(p.paint, src) - pad)[None]
-        image = add_texture(sample(painted, grid)[0].numpy() + pad, p.paint, classes)
-    image = acquire(image, p.acquisition, p.spacing, ct=p.contrast == "ct")
+    images = [_paint(src, grid, classes, r, p.spacing) for r in p.renders]
     subject = SynthSubject(
-        image=image,
+        image=images[0],
         affine=out_affine,
         labels={name: on_grid[id(a)] for name, a in src.labels.items()},
         anatomy=classes > 0,
         params=p,
         source=src,
+        extra_images=images[1:],
     )
     subject.__dict__["world_map"] = wm  # share the integrated field
     return subject
+
+
+def _paint(
+    src: LabelSource, grid: torch.Tensor, classes: np.ndarray, r: Render, spacing: float
+) -> np.ndarray:
+    """One render's image on the subject grid (``grid``: the source sampling grid)."""
+    if r.contrast == "real":
+        assert src.image is not None
+        image = sample(torch.from_numpy(src.image)[None], grid)[0].numpy()
+    else:  # beyond the source's grid: background (air is -1000 HU, not 0)
+        pad = np.float32(r.paint.means[0])
+        painted = torch.from_numpy(paint_source(r.paint, src) - pad)[None]
+        image = add_texture(sample(painted, grid)[0].numpy() + pad, r.paint, classes)
+    return acquire(image, r.acquisition, spacing, ct=r.contrast == "ct")
 
 
 def _normalise(image: np.ndarray, preset: str) -> np.ndarray:
@@ -303,23 +350,26 @@ def _normalise(image: np.ndarray, preset: str) -> np.ndarray:
 
 def in_memory_subject(subject: SynthSubject, subject_id: str, preset: str) -> CachedSubject:
     """``subject`` as a cache entry would hold it: RAS voxel order, the intensity preset,
-    foreground = the anatomy (no files; for :func:`~anatomap.data.sampler.sample_views`)."""
-    image, affine = geometry.reorient(subject.image, subject.affine, "RAS")
+    one channel per render, foreground = the anatomy (no files; for
+    :func:`~anatomap.data.sampler.sample_views`)."""
+    renders = [geometry.reorient(im, subject.affine, "RAS") for im in subject.images]
+    affine = renders[0][1]
     anatomy, _ = geometry.reorient(subject.anatomy, subject.affine, "RAS")
-    image = _normalise(image, preset)
+    image = np.stack([_normalise(im, preset) for im, _ in renders])
     fg = np.argwhere(anatomy).astype(np.int32)
     if len(fg) > MAX_FOREGROUND_POINTS:
         pick = np.random.default_rng(0).choice(len(fg), MAX_FOREGROUND_POINTS, replace=False)
         fg = fg[np.sort(pick)]
-    meta = {"subject": subject_id, "affine": affine.tolist(), "shape": list(image.shape)}
-    meta |= {"present": [True], "labels": sorted(subject.labels)}
-    return CachedSubject(Path(), meta, _image=image[None], _foreground=fg)
+    meta = {"subject": subject_id, "affine": affine.tolist(), "shape": list(image.shape[1:])}
+    meta |= {"present": [True] * len(image), "labels": sorted(subject.labels)}
+    return CachedSubject(Path(), meta, _image=image, _foreground=fg)
 
 
 class SynthViewDataset(Dataset):
     """Located views of synthetic subjects generated on the fly, in the batch-item format of
-    :class:`~anatomap.data.sampler.LocatedViewDataset` (``image [V, 1, *size]``,
-    ``affine [V, 4, 4]``, ``modality_mask [1]``, ``subject``, ``seed``).
+    :class:`~anatomap.data.sampler.LocatedViewDataset` (``image [V, R, *size]``, one channel
+    per render, or ``[V, 1, *size]`` with ``spec.modality_per_view``; ``affine [V, 4, 4]``,
+    ``modality_mask [R]``, ``subject``, ``seed``).
 
     Sample ``index`` renders subject ``index // reuse`` from ``[seed, index // reuse]`` (the
     subject ``write_synth_cohort(seed=seed)`` writes at that position) and cuts its views
@@ -373,7 +423,7 @@ class SynthViewDataset(Dataset):
         return {
             "image": torch.from_numpy(images),
             "affine": torch.from_numpy(affines),
-            "modality_mask": torch.from_numpy(subject.present.copy()),
+            "modality_mask": torch.from_numpy(modality_mask(subject, self.spec)),
             "subject": subject.id,
             "seed": torch.tensor(
                 sample_seed(self.seed, *divmod(int(index), self.samples_per_epoch))
