@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anatomap import geometry
-from anatomap.data.sampler import LocatedViewDataset, ViewSpec
+from anatomap.data.sampler import LocatedViewDataset, ViewSpec, sample_views
 from anatomap.data.synth import (
     LabelSource,
     SynthConfig,
@@ -410,3 +410,29 @@ def test_renders_need_one_modality_per_view() -> None:
         validate_model(RunConfig, tree, "cfg")
     tree["data"]["modality_per_view"] = True
     assert validate_model(RunConfig, tree, "cfg").data.modality_per_view
+
+
+def test_cross_modality_share_mixes_same_and_cross_contrast_pairs(
+    toy: LabelSource, cfg: SynthConfig
+) -> None:
+    from anatomap.data.synth.subject import in_memory_subject
+
+    sub = in_memory_subject(
+        synth_subject(toy, cfg.model_copy(update={"renders": 2}), [1, 1]), "s", "mri"
+    )
+
+    def shown(share: float, k: int) -> list[int]:
+        spec = ViewSpec(size=(10, 10, 10), modality_per_view=True, cross_modality=share)
+        images, affines = sample_views(sub, spec, np.random.default_rng(k))
+        out = []
+        for v in range(2):
+            err = [
+                np.abs(images[v, 0] - _cut_channel(sub, c, affines[v], 10)).max() for c in (0, 1)
+            ]
+            out.append(int(np.argmin(err)))
+        return out
+
+    assert all(len(set(shown(1.0, k))) == 2 for k in range(6))
+    assert all(len(set(shown(0.0, k))) == 1 for k in range(6))
+    mixed = [len(set(shown(0.5, k))) for k in range(20)]
+    assert 1 in mixed and 2 in mixed

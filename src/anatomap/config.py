@@ -95,6 +95,13 @@ class DataConfig(Strict):
         "view where there are several): positives across contrasts; the encoder takes one "
         "channel",
     )
+    cross_modality: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="with modality_per_view: share of samples whose views show different "
+        "modalities (the others show one modality, drawn at random, in every view)",
+    )
     synth: SynthDataConfig | None = Field(
         default=None, description="train on synthetic subjects generated on the fly"
     )

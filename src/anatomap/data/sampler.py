@@ -64,6 +64,9 @@ class ViewSpec:
       random permutation of them, cycled over the views, so two views of a subject with two
       or more show different ones): views ``[V, 1, *size]``. With several contrast renders of
       one anatomy (``anatomap data synth --renders``) positives then span contrasts.
+      ``cross_modality``: the share of samples whose views show different modalities; the
+      others show one modality in every view (a mix that still teaches fine, same-contrast
+      detail).
     """
 
     num_views: int = 2
@@ -76,6 +79,7 @@ class ViewSpec:
     pad_value: float = 0.0
     intensity: IntensityAugment | None = None
     modality_per_view: bool = False
+    cross_modality: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_views < 1:
@@ -188,6 +192,8 @@ def sample_views(
     if spec.modality_per_view:
         present = np.flatnonzero(subject.present)
         channels = [int(c) for c in rng.permutation(present if len(present) else [0])]
+        if spec.cross_modality < 1.0 and rng.random() >= spec.cross_modality:
+            channels = channels[:1]  # this sample's views all show one modality
     n_channels = 1 if channels else image.shape[0]
     images = np.empty((spec.num_views, n_channels, *spec.size), np.float32)
     affines = np.empty((spec.num_views, 4, 4), np.float64)

@@ -155,10 +155,10 @@ def pretrain(
     train = [s for s in cache.subjects if s not in set(heldout)]
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     t = cfg.trainer
-    per_view = cfg.data.modality_per_view
+    per_view, cross = cfg.data.modality_per_view, cfg.data.cross_modality
     channels = 1 if per_view else len(cache.modalities)
     module = PretrainModule(cfg, channels)
-    spec = replace(module.objective.view_spec(), modality_per_view=per_view)
+    spec = replace(module.objective.view_spec(), modality_per_view=per_view, cross_modality=cross)
     data = ViewDataModule(cfg, cache, train, spec)
     meta = _meta(cfg, cache, train, heldout, heldout_file(cfg, config_dir))
     meta["encoder"] = encoder_spec(cfg, channels).to_dict()
