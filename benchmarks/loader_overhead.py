@@ -3,9 +3,11 @@ from batches already in memory (ISImed and SAM on the CPU, packaged configs).
 
 For each method: the encoder, objective and AdamW step of ``anatomap pretrain`` (forward,
 backward, gradient clipping, optimiser, ``on_after_step``), fed (a) by the DataLoader that
-``anatomap pretrain`` builds (``ViewDataModule``: the config's ``num_workers``, the shared
-ring collate) and (b) by ``--steps`` batches drawn beforehand and held in memory. Rounds
-alternate (a) and (b); the best round of each counts. Overhead = 1 - rate(a) / rate(b).
+``anatomap pretrain`` builds (``ViewDataModule``: the config's ``num_workers``, ``auto``
+resolved as pretrain resolves it, the shared ring collate; the views' augmentation runs on
+each batch after it is loaded) and (b) by ``--steps`` batches drawn beforehand and held in
+memory. Rounds alternate (a) and (b); the best round of each counts. Overhead = 1 -
+rate(a) / rate(b).
 
     python benchmarks/loader_overhead.py [--volumes 8] [--data DIR] [--methods isimed sam]
         [--steps 20] [--rounds 2] [--write]
@@ -21,6 +23,8 @@ import tempfile
 import time
 
 from _common import command, demo_cache, machine, met, publish, table, trainee
+
+from anatomap.data.sampler import augment_batch
 
 
 def _time(step, batches) -> float:
@@ -52,14 +56,19 @@ def main() -> None:
             if args.workers is not None:
                 over.append(f"data.num_workers={args.workers}")
             t, loader = trainee(method, data.cache, over)
+            intensity = t.module.objective.view_spec().intensity
+
+            def step(batch: dict, t=t, intensity=intensity) -> None:  # type: ignore[no-untyped-def]
+                t.step(augment_batch(dict(batch), intensity))  # after loading, as pretrain does
+
             it = iter(loader)  # persistent workers: one iterator for the whole measurement
             for batch in itertools.islice(it, args.warmup):
-                t.step(batch)
+                step(batch)
             held = list(itertools.islice(it, args.steps))
             real, mem = [], []
             for _ in range(args.rounds):
-                real.append(_time(t.step, itertools.islice(it, args.steps)))
-                mem.append(_time(t.step, held))
+                real.append(_time(step, itertools.islice(it, args.steps)))
+                mem.append(_time(step, held))
             r, m = max(real), max(mem)
             overhead = 1.0 - r / m
             cfg = t.cfg
@@ -69,7 +78,7 @@ def main() -> None:
                 (
                     method,
                     f"{cfg.trainer.batch_size} x {views.num_views} x {views.size[0]}^3",
-                    cfg.data.num_workers,
+                    f"{loader.num_workers} ({cfg.data.num_workers})",
                     f"{r:.2f}",
                     f"{m:.2f}",
                     f"{1e3 / r:.0f} / {1e3 / m:.0f}",
@@ -92,7 +101,7 @@ def main() -> None:
             [
                 "method",
                 "volumes x views x crop",
-                "workers",
+                "workers (config)",
                 "steps/s, real loader",
                 "steps/s, in memory",
                 "ms per step (real / memory)",

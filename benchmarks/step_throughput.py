@@ -5,8 +5,10 @@ For every packaged method config (``--methods``) and encoder (``--encoders``): t
 from a demo cache, held in memory (the loader is measured by ``loader_overhead.py``). Each
 setting runs in its own process, so its peak memory is its own: peak RSS on the CPU; on a
 GPU, peak allocated device memory. On a GPU the variants are fp32, bf16 autocast, bf16 +
-channels-last-3d, and (``--compile``) bf16 + ``torch.compile`` of the encoder, each measured;
-without CUDA only the CPU fp32 row is run and the GPU variants are reported as skipped.
+channels-last-3d (``trainer.channels_last``), and (``--compile``) bf16 + ``torch.compile`` of
+the encoder (``trainer.compile``), each measured; without CUDA only the CPU fp32 row is run
+and the GPU variants are reported as skipped. The views' intensity augmentation is part of
+the step (``augment_batch`` on the device), as in ``anatomap pretrain``.
 
     python benchmarks/step_throughput.py [--methods isimed sam spatial_aware]
         [--encoders small_cnn resnet segresnet swinunetr] [--steps 10] [--compile] [--write]
@@ -27,33 +29,38 @@ import time
 import torch
 from _common import command, demo_cache, machine, peak_rss_mb, publish, sync, table, trainee
 
-VARIANTS = {
-    "fp32": {},
-    "bf16": {"autocast": torch.bfloat16},
-    "bf16+channels_last_3d": {"autocast": torch.bfloat16, "channels_last": True},
-    "bf16+compile": {"autocast": torch.bfloat16, "compile": True},
+from anatomap.data.sampler import augment_batch
+
+VARIANTS: dict[str, tuple[dict, list[str]]] = {  # autocast, config switches of pretrain
+    "fp32": ({}, []),
+    "bf16": ({"autocast": torch.bfloat16}, []),
+    "bf16+channels_last_3d": ({"autocast": torch.bfloat16}, ["trainer.channels_last=true"]),
+    "bf16+compile": ({"autocast": torch.bfloat16}, ["trainer.compile=true"]),
 }
 
 
 def one(method: str, encoder: str, variant: str, cache: str, steps: int, warmup: int) -> dict:
     """Runs in a child process: samples/s and peak memory of one setting."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    t, loader = trainee(
-        method,
-        cache,
-        [f"model.name={encoder}", "data.num_workers=0", "data.samples_per_epoch=10000"],
-        device,
-        **VARIANTS[variant],
-    )
+    autocast, switches = VARIANTS[variant]
+    over = [f"model.name={encoder}", "data.num_workers=0", "data.samples_per_epoch=10000"]
+    t, loader = trainee(method, cache, over + switches, device, **autocast)
     batches = list(itertools.islice(iter(loader), 4))
+    intensity = t.module.objective.view_spec().intensity
+
+    def step(batch: dict) -> None:
+        # the views' augmentation runs on the batch once it is on its device, as in pretrain
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        t.step(augment_batch(batch, intensity))
+
     for batch in itertools.islice(itertools.cycle(batches), warmup):
-        t.step(batch)
+        step(batch)
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for batch in itertools.islice(itertools.cycle(batches), steps):
-        t.step(batch)
+        step(batch)
     sync()
     dt = time.perf_counter() - t0
     spec = t.module.objective.view_spec()

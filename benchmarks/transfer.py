@@ -41,11 +41,9 @@ from anatomap.eval.registration_ants import SynRegistration, ants_available
 from anatomap.eval.transfer import (
     CONDITIONS,
     ConditionResult,
-    condition_targets,
     merge_matcher,
-    run_condition,
+    run_transfer,
     save_matcher,
-    template_subject,
 )
 
 KEYS = ("mre_mm", "median_mm", "cpm@3", "cpm@5", "cpm@10", "s_per_target")
@@ -157,29 +155,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    source = LabelSource.brain("dosenbach")
-    template = template_subject(source)
     matchers = [] if args.table_only else _matchers(args)
     if args.only:
         matchers = [m for m in matchers if m.name in args.only]
     names = [m.name for m in matchers]
-    states = {m.name: m.prepare(template) for m in matchers}
     t0 = time.perf_counter()
-    results = []
-    for cond in args.conditions:
-        targets, contrasts = condition_targets(source, cond, args.targets)
-        results.append(
-            run_condition(
-                matchers,
-                template,
-                states,
-                cond,
-                targets,
-                contrasts,
-                args.points,
-                log=lambda s: print(s, flush=True),
-            )
-        )
+    results = run_transfer(
+        matchers,
+        LabelSource.brain("dosenbach"),
+        args.conditions,
+        args.targets,
+        args.points,
+        log=lambda s: print(s, flush=True),
+    )
     minutes = (time.perf_counter() - t0) / 60
     notes = {n: f"`{command()}` ({minutes:.1f} min)" for n in names}
     if args.saved:

@@ -161,6 +161,7 @@ def test_demo_end_to_end_and_idempotent(tmp_path: Path) -> None:
         "--spacing",
         "4",
         "--quiet",
+        "--no-matching",
         "trainer.max_steps=3",
         *TINY[:3],
         "data.num_workers=0",
@@ -171,7 +172,7 @@ def test_demo_end_to_end_and_idempotent(tmp_path: Path) -> None:
     assert report.is_file()
     metrics = json.loads(report.with_name("metrics.json").read_text())
     assert metrics["subjects"] == ["sub-002", "sub-003"]
-    image = tmp_path / "d" / "data" / "images" / "sub-000_T1w.nii.gz"
+    image = tmp_path / "d" / "data" / "images" / "sub-000_synth.nii.gz"
     stamp = image.stat().st_mtime_ns
     second = run(*args, cwd=tmp_path)
     assert "built 0, reused 4" in second.stdout
@@ -239,8 +240,9 @@ def test_sam_embed_and_match_through_the_cli(workdir: Path, tiny_dataset: Path) 
         "k",
         "score",
         "low_confidence",
+        "consistent",
     ]
-    assert len(rows) == 3
+    assert len(rows) == 3 and rows[1].endswith(",")  # 2 points: no consistency verdict
     assert json.loads((workdir / "m.csv.json").read_text())[1]["name"] == "B"
 
     # A point outside the template, and a checkpoint without dense heads: clear messages.

@@ -276,7 +276,7 @@ def test_api_match_reads_lps_and_writes_markups_with_voxel_indices(
     out = tmp_path / "m.mrk.json"
     rows = api.match(
         "ck", "t.emb.safetensors", _write(tmp_path / "p.csv", lps), targets, coords="LPS", out=out
-    )
+    ).rows()
     got = np.array([[r["x"], r["y"], r["z"]] for r in rows])
     assert np.linalg.norm(got - np.vstack([pts, pts]), axis=1).max() <= 2 * math.sqrt(3) + 1e-6
     ijk = np.array([[r["i"], r["j"], r["k"]] for r in rows])
@@ -286,7 +286,7 @@ def test_api_match_reads_lps_and_writes_markups_with_voxel_indices(
     assert doc["markups"][1]["controlPoints"][0]["description"].startswith("in c.emb.safetensors")
     names, back = read_points(out)
     assert names == ["q0", "q1", "q0", "q1"] and np.allclose(back, got, atol=1e-3)
-    csv_rows = api.match("ck", "t.emb.safetensors", pts, [scan], out=tmp_path / "m.csv")
+    csv_rows = api.match("ck", "t.emb.safetensors", pts, [scan], out=tmp_path / "m.csv").rows()
     header = (tmp_path / "m.csv").read_text().splitlines()[0]
     assert header.startswith("target,name,template_x") and ",z,i,j,k,score," in header
     assert csv_rows[0]["i"] == rows[0]["i"]

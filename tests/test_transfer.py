@@ -132,7 +132,7 @@ def test_match_by_shipped_name_reports_the_calibrated_probability(
 
     scans = [tiny_dataset / "sub-04_T1w.nii.gz", tiny_dataset / "sub-05_T1w.nii.gz"]
     pts = np.array([[-10.0, -15.0, -8.0], [-5.0, -10.0, -5.0]])
-    rows = match("tiny-sam", scans[0], pts, [scans[1]], window=16)
+    rows = match("tiny-sam", scans[0], pts, [scans[1]], window=16).rows()
     assert len(rows) == 2
     for r in rows:  # the test calibration is p = (score + 1) / 2
         assert r["p_within_5mm"] == pytest.approx((r["score"] + 1) / 2, abs=2e-3)
@@ -172,3 +172,39 @@ def test_models_command_lists_shipped_models(
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "tiny-sam" in out and "a test model" in out and "MODEL_CARD.md" in out
+
+
+def test_run_transfer_gives_every_matcher_the_same_pairs_and_a_table() -> None:
+    """The demo's step 6 path: one held-out target per condition, two matchers; an exact
+    oracle (the subject's own landmarks) scores 0 mm and the table lists both."""
+    from anatomap.eval.landmarks import MatchResult
+    from anatomap.eval.transfer import CONDITIONS, run_transfer, summary_table
+
+    class Oracle:
+        name = "oracle"
+
+        def prepare(self, subject):
+            return None
+
+        def match(self, tpl, tpl_state, points, tgt, tgt_state):
+            at = {n: np.asarray(p) for n, p in tpl.landmarks.items()}
+            names = [next(n for n, p in at.items() if np.allclose(p, q)) for q in points]
+            pts = np.stack([tgt.landmarks[n] for n in names])
+            return MatchResult(pts, np.ones(len(pts)))
+
+    class Shift(Oracle):
+        name = "shifted"
+
+        def match(self, *args):
+            res = Oracle.match(self, *args)
+            return MatchResult(res.points_mm + np.array([3.0, 4.0, 0.0]), res.scores)
+
+    conds = [c for c in CONDITIONS if "held-out" in c]
+    results = run_transfer([Oracle(), Shift()], conditions=conds, n_targets=1, max_points=8)
+    assert [r.name for r in results] == conds
+    for r in results:
+        assert r.metrics("oracle")["mre_mm"] < 1e-6
+        assert abs(r.metrics("shifted")["mre_mm"] - 5.0) < 1e-6
+        assert r.pairs[0].names  # same landmarks for both matchers
+    lines = summary_table(results, ["oracle", "shifted"])
+    assert len(lines) == 1 + 2 * len(conds) and "5.00" in lines[2]

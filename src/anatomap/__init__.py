@@ -7,7 +7,7 @@ The public API (each a counterpart of a CLI command) is imported lazily so that
     anatomap.cache / open_cache                         anatomap data cache
     anatomap.load_config / pretrain                     anatomap pretrain
     anatomap.evaluate                                   anatomap evaluate
-    anatomap.embed / match                              anatomap embed / match
+    anatomap.embed / match (-> Matches)                 anatomap embed / match
     anatomap.workflows.demo                                   anatomap demo
     anatomap.read_volume, load_checkpoint, build_encoder, LocatedViewDataset, ViewSpec
 """
@@ -30,6 +30,7 @@ _LAZY = {
     "run_demo": "anatomap.workflows.demo",
     "embed": "anatomap.api",
     "match": "anatomap.api",
+    "Matches": "anatomap.infer.matches",
     "write_manifest": "anatomap.data.manifest",
     "read_manifest": "anatomap.data.manifest",
     "read_volume": "anatomap.io",

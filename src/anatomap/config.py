@@ -88,7 +88,12 @@ class DataConfig(Strict):
         default=None, description="CSV with subject,split columns; split=heldout is held out"
     )
     samples_per_epoch: int = Field(default=256, gt=0)
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        default=0,
+        description="DataLoader worker processes (0: in the training process); auto: worker "
+        "processes on spare cores if they deliver batches faster than the training process "
+        "(timed at the start of training; run.json: loader)",
+    )
     modality_per_view: bool = Field(
         default=False,
         description="each view shows one of the subject's modalities (different ones per "
@@ -105,6 +110,13 @@ class DataConfig(Strict):
     synth: SynthDataConfig | None = Field(
         default=None, description="train on synthetic subjects generated on the fly"
     )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError("must be a number of worker processes (0 or more) or auto")
 
 
 class ModelConfig(Strict):
@@ -123,6 +135,14 @@ class ObjectiveConfig(Strict):
     name: str = "isimed"
 
 
+PRECISIONS = (
+    *("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
+    *("32", "16", "bf16", "64", "transformer-engine", "transformer-engine-float16"),
+)
+"""``trainer.precision``: ``auto`` (bf16 or fp16 autocast on CUDA, fp32 on CPU) or one of
+Lightning's precision strings."""
+
+
 class TrainerConfig(Strict):
     """Optimisation and Lightning trainer settings."""
 
@@ -134,6 +154,14 @@ class TrainerConfig(Strict):
     warmup_steps: int = Field(default=0, ge=0)
     grad_clip: float | None = Field(default=2.0, gt=0)
     precision: str = Field(default="auto", description="auto | 32-true | bf16-mixed | 16-mixed")
+    channels_last: bool = Field(
+        default=False,
+        description="channels-last-3d memory format for the model and its input (GPU speed)",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the encoder's feature pyramid (GPU; compiling costs minutes)",
+    )
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = Field(default=1, gt=0)
@@ -142,6 +170,13 @@ class TrainerConfig(Strict):
     log_every: int = Field(default=10, gt=0)
     seed: int = 0
     progress: bool = True
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, v: str) -> str:
+        if v not in PRECISIONS:
+            raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
+        return v
 
 
 class RunConfig(Strict):

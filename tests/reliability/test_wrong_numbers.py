@@ -90,4 +90,5 @@ def test_sliding_window_options_are_validated(kwargs: dict, words: str) -> None:
 
     with pytest.raises(AnatomapError, match=words):
         check_options(**kwargs)
-    assert check_options() == (64, 0.25, 2)
+    o = check_options()
+    assert (o.window, o.overlap, o.batch_size) == (64, 0.25, 2)

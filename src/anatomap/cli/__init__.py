@@ -1,12 +1,15 @@
-"""The ``anatomap`` command: data index | data cache | pretrain | mine | evaluate | embed |
-match | demo | benchmark | export | list | models.
+"""The ``anatomap`` command: data index | data cache | data synth | pretrain | mine |
+evaluate | embed | match | view | demo | benchmark | export | list | models.
 
 Every sub-command calls the Python API (``anatomap.api``); each lives in the module of its
 kind (``data``, ``train``, ``infer``, ``evaluate``) as ``cmd_<name>`` + ``_add_<name>``.
 Every failure is printed as one line (``anatomap: error: FILE: problem``) by the one
 top-level handler, :func:`anatomap.cli.report.run_command`, whose exit codes are documented
 there and in docs/usage.md: 0 ok, 1 some inputs rejected, 2 bad input or usage, 3 I/O
-failure, 4 out of memory, 70 internal error, 130 interrupted. ``--debug`` adds tracebacks.
+failure, 4 out of memory, 70 internal error, 130 interrupted, 141 broken pipe. ``--debug``
+adds tracebacks.
+Every sub-command takes ``--quiet``, and its ``--help`` shows every default
+(:mod:`anatomap.cli.options`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from anatomap.cli.data import _add_data
 from anatomap.cli.evaluate import _add_evaluate, _add_list
 from anatomap.cli.infer import _add_embed, _add_export, _add_match
 from anatomap.cli.models import _add_models
-from anatomap.cli.report import BAD_INPUT, run_command
+from anatomap.cli.options import Parser
+from anatomap.cli.report import BAD_INPUT, OK, run_command
 from anatomap.cli.train import _add_benchmark, _add_demo, _add_mine, _add_pretrain
+from anatomap.cli.view import _add_view
 
 _COMMANDS = (
     _add_data,
@@ -27,6 +32,7 @@ _COMMANDS = (
     _add_evaluate,
     _add_embed,
     _add_match,
+    _add_view,
     _add_demo,
     _add_benchmark,
     _add_export,
@@ -38,14 +44,12 @@ _COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``anatomap`` argument parser: one sub-parser per command."""
-    parser = argparse.ArgumentParser(
-        prog="anatomap", description="Self-supervised anatomical position learning."
-    )
+    parser = Parser(prog="anatomap", description="Self-supervised anatomical position learning.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument(
         "--debug", action="store_true", help="print the traceback of an error (and warning origins)"
     )
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
     for add in _COMMANDS:
         add(sub)
     return parser
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from anatomap import __version__
 
         print(__version__)
-        return 0
+        return OK
     if not getattr(args, "func", None):
         parser.print_help()
         return BAD_INPUT

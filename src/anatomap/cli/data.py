@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from anatomap.cli.options import add_quiet
+from anatomap.cli.report import OK, REJECTED
 from anatomap.errors import AnatomapError
 
 # the names of anatomap.data.layouts.LAYOUT_NAMES (not imported: the parser stays light)
@@ -46,7 +48,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         f"indexed {len(result.subjects)} subjects {where}; "
         f"{len(result.problems)} file(s) rejected, {len(result.skipped)} skipped"
     )
-    return 1 if result.problems else 0
+    return REJECTED if result.problems else OK
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -72,7 +74,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         f"cache {args.out}: {len(res.cache)} subjects ({res.built} built, {res.reused} reused), "
         f"{len(res.problems)} rejected"
     )
-    return 1 if res.problems else 0
+    return REJECTED if res.problems else OK
 
 
 def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -81,13 +83,18 @@ def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("index", help="find and validate scans; write a JSONL manifest")
     p.add_argument("dir", type=Path, nargs="?", help="folder to scan (not needed with --table)")
-    p.add_argument("--out", type=Path, help="manifest.jsonl to write (not with --dry-run)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="manifest.jsonl to write (rejected files: <stem>.problems.jsonl beside it)",
+    )
     p.add_argument("--table", type=Path, help="CSV subject,modality,path[,kind] instead of names")
     p.add_argument(
         "--layout",
         default="auto",
         choices=LAYOUT_CHOICES,
-        help="how the folder is laid out (default: detected, and printed)",
+        help="how the folder is laid out (auto: detected, and printed)",
     )
     p.add_argument(
         "--derivatives", action="store_true", help="BIDS: index derivatives/ too (masks, ...)"
@@ -103,17 +110,21 @@ def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "reference modality's grid (default: reject them)",
     )
     p.add_argument("--reference", help="reference modality (default: first by name)")
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
     p.set_defaults(func=cmd_index)
 
     p = dsub.add_parser("cache", help="preprocess a manifest into a memory-mapped cache")
-    p.add_argument("manifest", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("manifest", type=Path, help="manifest.jsonl from data index")
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="cache folder (created or updated)"
+    )
     p.add_argument(
         "--preset", default="mri", help="ct | mri | none, or per modality: T1w=mri,CT=ct"
     )
     p.add_argument("--spacing", type=float, default=1.5, help="target isotropic spacing (mm)")
-    p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument(
+        "--dtype", default="float16", choices=("float16", "float32"), help="image array type"
+    )
     p.add_argument(
         "--modalities",
         help="comma-separated channels of the cache, in order (default: every modality); "
@@ -123,9 +134,9 @@ def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--workers",
         type=int,
         default=0,
-        help="processes building subjects in parallel (default: every core)",
+        help="processes building subjects in parallel (0: every core)",
     )
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
     p.set_defaults(func=cmd_cache)
     _add_synth(dsub)
 
@@ -163,7 +174,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         f"{res.reused} reused), {len(res.heldout)} held out (splits.csv); next: "
         f"anatomap data index {res.root} --out {res.root / 'manifest.jsonl'}"
     )
-    return 0
+    return OK
 
 
 def _add_synth(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -191,8 +202,13 @@ def _add_synth(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--image", help="real intensities on the label maps' grid")
     p.add_argument("--landmarks", help="name,x,y,z CSV (default: one point per structure)")
     p.add_argument("--label-spacing", type=float, help="resample the label maps first (mm)")
-    p.add_argument("--landmark-set", default="dosenbach", choices=("dosenbach", "power"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--landmark-set",
+        default="dosenbach",
+        choices=("dosenbach", "power"),
+        help="brain landmark set (without --labels)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument("--modality", default="synth", help="image modality name in file names")
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
     p.set_defaults(func=cmd_synth)

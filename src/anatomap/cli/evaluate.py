@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from anatomap.cli.options import add_device, add_quiet, check_device
+from anatomap.cli.report import OK
 from anatomap.errors import AnatomapError
 
 
@@ -56,6 +58,7 @@ def print_landmark_table(metrics: dict) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anatomap.eval.evaluate import evaluate
 
+    check_device(args.device)
     subjects = args.subjects.split(",") if args.subjects else None
     compare = {}
     for item in args.compare or []:
@@ -73,22 +76,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         crops_per_subject=args.crops,
         compare=compare,
         registration=not args.no_registration,
+        device=args.device,
+        progress=not args.quiet,
     )
     print_position_table(res.metrics)
     print_landmark_table(res.metrics)
     print_robustness_table(res.metrics)
     print(f"report: {res.report}")
-    return 0
+    return OK
 
 
 def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``anatomap evaluate``."""
     p = sub.add_parser("evaluate", help="evaluate a run folder or checkpoint; write report.html")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", type=Path)
+    p.add_argument("checkpoint", type=Path, help="run folder, checkpoint folder or meta.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="folder for report.html, metrics.json, figures (default: RUN/eval)",
+    )
     p.add_argument("--cache", type=Path, help="cache to evaluate on (default: the run's)")
     p.add_argument("--subjects", help="comma-separated subjects (default: the run's held-out)")
-    p.add_argument("--crops", type=int, default=48, help="crops per subject")
+    p.add_argument("--crops", type=int, default=48, help="crops per subject (position task)")
     p.add_argument("--tasks", help="comma-separated tasks (default: every task that applies)")
     p.add_argument(
         "--all-tasks", action="store_true", help="also the costly opt-in tasks (segmentation)"
@@ -97,6 +107,8 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--compare", action="append", metavar="NAME=RUN", help="another checkpoint to compare"
     )
     p.add_argument("--no-registration", action="store_true", help="skip the registration baselines")
+    add_device(p)
+    add_quiet(p, "no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -116,10 +128,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("encoders:  ", ", ".join(list_encoders()))
     print("eval tasks:", ", ".join(list_tasks()))
     print("configs:   ", ", ".join(configs))
-    return 0
+    return OK
 
 
 def _add_list(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``anatomap list``."""
     p = sub.add_parser("list", help="registered objectives and encoders")
+    add_quiet(p, "accepted for uniformity (list prints no progress)")
     p.set_defaults(func=cmd_list)

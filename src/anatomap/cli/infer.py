@@ -6,48 +6,90 @@ import argparse
 import sys
 from pathlib import Path
 
+from anatomap.cli.options import (
+    add_embedding_options,
+    add_quiet,
+    check_device,
+    embedding_options,
+)
+from anatomap.cli.report import OK
+from anatomap.errors import AnatomapError
+
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from anatomap.api import embed
     from anatomap.infer.embed import embedding_names
 
-    embed(args.checkpoint, args.volumes, args.out, window=args.window, overlap=args.overlap)
+    check_device(args.device)
+    embed(args.checkpoint, list(args.volumes), args.out, **embedding_options(args))
     for v, name in zip(args.volumes, embedding_names(args.volumes), strict=True):
         print(f"{v} -> {args.out / name}")
-    return 0
+    return OK
 
 
-def cmd_match(args: argparse.Namespace) -> int:
-    from anatomap.api import match
-
-    rows = match(
-        args.checkpoint,
-        args.template,
-        args.points,
-        args.targets,
-        voxel=args.voxel,
-        low_score=args.low_score,
-        out=args.out,
-        coords=args.coords,
-        window=args.window,
-    )
-    low = [r for r in rows if r["low_confidence"]]
-    if str(args.out).lower().endswith(".mrk.json"):
-        print(f"{len(rows)} matches written to {args.out} (3D Slicer markups, LPS)")
-    else:
-        print(f"{len(rows)} matches written to {args.out} (and {args.out}.json)")
-    for r in low:
+def _warn_low(rows: list[dict], low_score: float) -> None:
+    """One stderr line per low-confidence match (a warning: the exit code stays 0)."""
+    for r in rows:
+        if not r["low_confidence"]:
+            continue
         why = (
             f"P(within 5 mm) {r['p_within_5mm']:.2f} < 0.5"
             if "p_within_5mm" in r
-            else f"score {r['score']:.2f} < {args.low_score}"
+            else f"score {r['score']:.2f} < {low_score}"
         )
         print(
             f"low confidence: {r['name']} in {r['target']} ({why}): the target may not "
             "contain this anatomy",
             file=sys.stderr,
         )
-    return 0
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    from anatomap.api import match
+    from anatomap.cli.view import write_match_view
+    from anatomap.infer.embed import DenseModel
+    from anatomap.infer.spheres import check_spheres
+
+    check_device(args.device)
+    if args.spheres is not None:  # before any work: a bad name or radius is one line
+        check_spheres(args.spheres, args.sphere_radius)
+    if args.view is not None and not str(args.view).lower().endswith((".html", ".htm")):
+        raise AnatomapError(f"{args.view}: --view writes an HTML page: name it *.html")
+    model = DenseModel.from_checkpoint(args.checkpoint)
+    result = match(
+        model,
+        args.template,
+        args.points,
+        list(args.targets),
+        voxel=args.voxel,
+        coords=args.coords,
+        low_score=args.low_score,
+        keep_embeddings=args.view is not None,
+        **embedding_options(args),
+    )
+    result.save(args.out)
+    rows = result.rows()
+    if str(args.out).lower().endswith(".mrk.json"):
+        print(f"{len(rows)} matches written to {args.out} (3D Slicer markups, LPS)")
+    else:
+        print(f"{len(rows)} matches written to {args.out} (and {args.out}.json)")
+    if args.spheres is not None:
+        for path in result.to_spheres(args.spheres, args.sphere_radius):
+            print(f"spheres: {path} (label k = the k-th point, radius {args.sphere_radius} mm)")
+    if args.view is not None and result.embeddings is not None:
+        t_emb, embs = result.embeddings
+        page = write_match_view(
+            args.view,
+            args.template,
+            args.targets,
+            t_emb,
+            embs,
+            result,
+            calibration=model.meta.get("calibration"),
+        )
+        print(f"viewer: {page} (open it in a browser; docs/viewer.md)")
+    _warn_low(rows, args.low_score)
+    return OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -59,7 +101,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{res.target}: {res.matched} encoder tensors -> {res.path} (settings: {res.sidecar})")
     for key, why in res.not_exported.items():
         print(f"not exported: {key}: {why}")
-    return 0
+    return OK
+
+
+_CHECKPOINT_HELP = "dense checkpoint: run folder, checkpoint folder, meta.json or shipped name"
 
 
 def _add_embed(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,24 +112,33 @@ def _add_embed(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "embed", help="dense embeddings of whole scans (dense checkpoints, e.g. sam)"
     )
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("volumes", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, required=True, help="folder for <name>.emb.safetensors")
-    p.add_argument("--window", type=int, default=64, help="sliding-window edge (voxels)")
-    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("checkpoint", type=Path, help=_CHECKPOINT_HELP)
+    p.add_argument("volumes", type=Path, nargs="+", help="scans (files or DICOM folders)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for <name>.emb.safetensors (created)",
+    )
+    add_embedding_options(p)
+    add_quiet(p)
     p.set_defaults(func=cmd_embed)
 
 
 def _add_match(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``anatomap match``."""
     p = sub.add_parser("match", help="find template points in target scans")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help=_CHECKPOINT_HELP)
     p.add_argument("targets", type=Path, nargs="+", help="scans or saved .emb.safetensors")
-    p.add_argument("--template", type=Path, required=True, help="scan or saved embedding")
+    p.add_argument(
+        "--template", type=Path, required=True, metavar="SCAN", help="scan or saved embedding"
+    )
     p.add_argument(
         "--points",
         type=Path,
         required=True,
+        metavar="FILE",
         help="CSV (name,x,y,z or i,j,k) or 3D Slicer markups (.mrk.json, .fcsv)",
     )
     p.add_argument("--voxel", action="store_true", help="points are template voxel indices")
@@ -93,22 +147,43 @@ def _add_match(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=str.upper,
         choices=("RAS", "LPS"),
         default="RAS",
-        help="world frame of a points CSV's x,y,z (default: RAS; Slicer files state their own)",
+        help="world frame of a points CSV's x,y,z (Slicer files state their own)",
     )
     p.add_argument(
         "--out",
         type=Path,
         default=Path("matches.csv"),
-        help="CSV (plus OUT.json) of the matches with target voxel indices i,j,k; a name "
-        "ending in .mrk.json writes 3D Slicer markups instead (default: matches.csv)",
+        metavar="FILE",
+        help="CSV (plus FILE.json) of the matches with target voxel indices i,j,k; a name "
+        "ending in .mrk.json writes 3D Slicer markups instead",
+    )
+    p.add_argument(
+        "--spheres",
+        type=Path,
+        metavar="FILE",
+        help="also a label image of spheres at the matches, on the target's grid (.nii.gz, "
+        ".nii, .nrrd, .mha; label k = the k-th point); with several targets one file each, "
+        "named FILE + _<target name>",
+    )
+    p.add_argument(
+        "--sphere-radius", type=float, default=2.0, metavar="MM", help="sphere radius in mm"
     )
     p.add_argument(
         "--low-score",
         type=float,
         default=0.5,
+        metavar="S",
         help="flag matches scoring below this (calibrated models flag P(within 5 mm) < 0.5)",
     )
-    p.add_argument("--window", type=int, default=64)
+    add_embedding_options(p)
+    add_quiet(p)
+    p.add_argument(
+        "--view",
+        type=Path,
+        metavar="FILE",
+        help="also a self-contained HTML viewer of template, targets and matches (NiiVue; "
+        "click a template point to see its similarity map: docs/viewer.md)",
+    )
     p.set_defaults(func=cmd_match)
 
 
@@ -118,8 +193,15 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "export", help="a checkpoint's encoder as a MONAI UNet/SwinUNETR or TorchScript file"
     )
     p.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
-    p.add_argument("--to", required=True, choices=("monai-unet", "swinunetr", "torchscript"))
-    p.add_argument("--out", type=Path, required=True, help="FILE (.safetensors or .pt)")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=("monai-unet", "swinunetr", "torchscript"),
+        help="what to write the encoder as",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="file (.safetensors or .pt)"
+    )
     p.add_argument(
         "--out-channels",
         type=int,
@@ -127,4 +209,5 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "num_groups; swinunetr: default 2)",
     )
     p.add_argument("--size", type=int, help="torchscript: edge of the tracing input (voxels)")
+    add_quiet(p, "accepted for uniformity (export prints no progress)")
     p.set_defaults(func=cmd_export)

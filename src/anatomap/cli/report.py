@@ -13,7 +13,10 @@ code   meaning
 4      out of memory
 70     internal error (a bug: please report it; ``--debug`` shows the traceback)
 130    interrupted (Ctrl-C)
+141    the reader of the output went away (``anatomap ... | head``); nothing is printed
 =====  ===============================================================================
+
+Every command returns these constants (``OK``, ``REJECTED``, ...), never other numbers.
 
 Warnings from libraries (ITK, pydicom, numpy, Lightning) are printed once each, as
 ``anatomap: warning: FILE: message`` when they concern an input being read. ``--debug``
@@ -39,6 +42,7 @@ from anatomap.io.atomic import disk_full
 from anatomap.io.notes import InputWarning, current_input, failed_input, install, one_line
 
 OK, REJECTED, BAD_INPUT, IO_FAILURE, OUT_OF_MEMORY, INTERNAL, INTERRUPTED = 0, 1, 2, 3, 4, 70, 130
+BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process killed by it
 _INPUT_ERRORS = (ValueError, KeyError, IndexError, UnicodeError, RecursionError, OverflowError)
 
 
@@ -106,7 +110,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         with reported_warnings(debug):
             return int(func(args))
     except BrokenPipeError:  # `anatomap ... | head`: the reader left, nothing to report
-        return 141
+        return BROKEN_PIPE
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from anatomap.cli.evaluate import print_position_table, print_robustness_table
+from anatomap.cli.options import add_device, add_quiet, check_device
+from anatomap.cli.report import OK
 from anatomap.errors import AnatomapError
 
 
@@ -14,11 +16,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from anatomap.train.pretrain import pretrain
 
     path = config_path(args.config)
-    cfg = load_config(path, args.overrides)
+    quiet = ["trainer.progress=false"] if args.quiet else []
+    cfg = load_config(path, [*args.overrides, *quiet])
     res = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, config_dir=path.parent)
     if res.is_global_zero:
         print(f"trained {res.steps} steps; checkpoint: {res.checkpoint}")
-    return 0
+    return OK
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
@@ -29,6 +32,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from anatomap.objectives.registry import get_objective
     from anatomap.train.module import heldout_subjects
 
+    check_device(args.device)
     path = config_path(args.config)
     cfg = load_config(path, args.overrides)
     method = get_objective(cfg.objective.name)
@@ -40,7 +44,9 @@ def cmd_mine(args: argparse.Namespace) -> int:
     held = set(heldout_subjects(cfg, path.parent))
     train = [s for s in cache.subjects if s not in held]
     request = method.mining_request(cfg.objective_params)
-    mined = pairs_for(request, cache, train, cfg.trainer.seed)
+    mined = pairs_for(
+        request, cache, train, cfg.trainer.seed, progress=not args.quiet, device=args.device
+    )
     if mined is None:
         print("same-volume views without a SAM checkpoint: nothing to mine")
     else:
@@ -49,7 +55,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
             f"{len(mined)} pairs ({i['failed']} dropped, mean score {i['mean_score']:.3f}) "
             f"in {mined.root}, mined with {i['sam_checkpoint']} ({i['sam_fingerprint']})"
         )
-    return 0
+    return OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -65,12 +71,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config=args.config,
         modalities=tuple(args.modalities.split(",")),
         evaluate_options={"registration": not args.no_registration},
+        matching=not args.no_matching,
     )
     print()
     print_position_table(res.evaluation.metrics)
     print_robustness_table(res.evaluation.metrics)
+    if res.matching:
+        print("\nmatching MNI152 landmarks into unseen scans (held-out contrasts / warps):")
+        print("\n".join(res.matching))
     print(f"\nreport: {res.report}")
-    return 0
+    return OK
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -81,10 +91,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         config, overrides = "benchmark", [config, *overrides]
     cfg = load_benchmark_config(config, overrides, quick=args.quick)
     methods = args.methods.split(",") if args.methods else None
-    page = run_benchmark(cfg, methods=methods, out=args.out)
+    log = (lambda _line: None) if args.quiet else print
+    page = run_benchmark(cfg, methods=methods, out=args.out, log=log)
     print((page.parent / "benchmark.md").read_text(encoding="utf-8"))
     print(f"report: {page}")
-    return 0
+    return OK
 
 
 def _add_pretrain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -94,6 +105,7 @@ def _add_pretrain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in output=")
     p.add_argument("--overwrite", action="store_true", help="start the run folder again")
+    add_quiet(p, "no progress bar (trainer.progress=false)")
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -104,13 +116,19 @@ def _add_mine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("config", help="alice YAML file or packaged config name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (as for pretrain)")
+    add_device(p)
+    add_quiet(p, "no progress bar")
     p.set_defaults(func=cmd_mine)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``anatomap demo``."""
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on synthetic demo scans, evaluated on unseen contrasts"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("demo_out"), metavar="DIR", help="everything goes here"
+    )
     p.add_argument("--subjects", type=int, default=16, help="demo subjects to build")
     p.add_argument("--heldout", type=int, default=4, help="of which held out for evaluation")
     p.add_argument("--spacing", type=float, default=2.0, help="demo and cache spacing (mm)")
@@ -118,12 +136,17 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--modalities",
         default="T1w",
-        help="T1w plus synthetic contrasts, e.g. T1w,T2w,FLAIR (multi-modal demo; the cache "
-        "holds exactly these)",
+        help="T1w: the synthetic demo; T1w plus template contrasts, e.g. T1w,T2w,FLAIR: the "
+        "multi-modal template demo (the cache holds exactly these)",
     )
     p.add_argument("--config", default="demo", help="recipe to train (e.g. topo); runs/<name>")
     p.add_argument("--no-registration", action="store_true", help="skip registration baselines")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--no-matching",
+        action="store_true",
+        help="skip step 6 (shipped brain-mri against rigid+affine registration)",
+    )
+    add_quiet(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -138,5 +161,8 @@ def _add_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     p.add_argument("--quick", action="store_true", help="the CPU budget (the config's quick:)")
     p.add_argument("--methods", help="comma-separated methods (default: every registered one)")
-    p.add_argument("--out", type=Path, help="output folder (default: the config's output)")
+    p.add_argument(
+        "--out", type=Path, metavar="DIR", help="output folder (default: the config's output)"
+    )
+    add_quiet(p, "no per-method progress lines")
     p.set_defaults(func=cmd_benchmark)

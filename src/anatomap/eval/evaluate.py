@@ -2,7 +2,9 @@
 
 Every applicable registered task (:mod:`anatomap.eval.tasks`) runs on the held-out subjects
 and compares the checkpoint with a randomly initialised encoder of the same architecture, so
-the report shows what pretraining bought.
+the report shows what pretraining bought. The networks run on ``device`` (auto: a GPU when
+there is one; bf16 autocast on CUDA, see :class:`~anatomap.eval.tasks.EvalContext`); a tqdm
+bar on stderr follows the tasks (``progress=False``: none).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -20,7 +23,8 @@ from anatomap.checkpoint import load_checkpoint, load_objective
 from anatomap.data.cache import Cache
 from anatomap.errors import AnatomapError
 from anatomap.eval.report import Section, write_report
-from anatomap.eval.tasks import EvalContext, get_task, list_tasks
+from anatomap.eval.tasks import EvalContext, get_task, list_tasks, progress_bar
+from anatomap.infer.device import resolve_device, resolve_precision
 
 
 @dataclass
@@ -55,13 +59,20 @@ def evaluate(
     all_tasks: bool = False,
     crops_per_subject: int = 48,
     seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> EvalResult:
     """Evaluate a run folder or checkpoint; writes ``report.html`` and ``metrics.json``.
 
     ``tasks``: names of registered tasks (default: every default task that applies;
-    ``all_tasks``: the costly opt-in ones too, e.g. ``segmentation``).
+    ``all_tasks``: the costly opt-in ones too, e.g. ``segmentation``). ``device``: auto
+    (``None`` too), cpu, cuda, cuda:N or mps, checked before anything is read; ``options``
+    may hold ``precision`` (auto, fp32, bf16, fp16) and each task's own options.
+    ``progress``: tqdm bars on stderr.
     """
+    dev = resolve_device(device or "auto")
+    resolve_precision(options.get("precision") or "auto", dev)  # a bad name: one line, now
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.meta
     # one channel per view in training: evaluate on the first modality
@@ -80,7 +91,7 @@ def evaluate(
         cache_obj,
         subjects,
         seed,
-        {"crops_per_subject": crops_per_subject, **options},
+        {"crops_per_subject": crops_per_subject, **options, "device": dev, "progress": progress},
     )
     chosen = [get_task(n) for n in (tasks or list_tasks(default_only=not all_tasks))]
     metrics: dict[str, Any] = {
@@ -90,18 +101,20 @@ def evaluate(
         "subjects": subjects,
     }
     sections: list[Section] = []
-    for task in chosen:
-        if not task.applies(ctx):
-            if tasks is None:
-                continue
-            if task.strict:  # e.g. spatial_aware needs its own heads; others may be forced
-                raise AnatomapError(
-                    f"{ckpt.path}: task '{task.name}' does not apply to a "
-                    f"'{meta['objective']}' checkpoint"
-                )
-        result = task.fn(ctx)
-        metrics[task.name] = result.metrics
-        sections.extend(result.sections)
+    with progress_bar(chosen, desc="evaluate", enabled=progress, unit="task") as bar:
+        for task in bar:
+            bar.set_postfix_str(task.name)
+            if not task.applies(ctx):
+                if tasks is None:
+                    continue
+                if task.strict:  # e.g. spatial_aware needs its own heads; others may be forced
+                    raise AnatomapError(
+                        f"{ckpt.path}: task '{task.name}' does not apply to a "
+                        f"'{meta['objective']}' checkpoint"
+                    )
+            result = task.fn(ctx)
+            metrics[task.name] = result.metrics
+            sections.extend(result.sections)
     loss_fig = _loss_figure(ctx.run_dir)
     if loss_fig is not None:
         sections.append(Section("Training", figures=[("Training loss", loss_fig)]))

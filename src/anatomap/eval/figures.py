@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 
 from anatomap.eval.report import Section
+from anatomap.infer.device import autocast, resolve_device, resolve_precision
 from anatomap.models.encoders import Encoder
 from anatomap.objectives.base import DenseObjective, Objective
 
@@ -85,14 +86,22 @@ def _feature_level(encoder: Encoder) -> int:
 
 @torch.no_grad()
 def slice_features(
-    encoder: Encoder, objective: Objective | None, image: np.ndarray, z: int
+    encoder: Encoder,
+    objective: Objective | None,
+    image: np.ndarray,
+    z: int,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
 ) -> tuple[np.ndarray, int]:
     """Features ``[D, x, y]`` of axial slice ``z`` of ``image [C, X, Y, Z]`` and their stride.
 
     Dense objectives (:class:`~anatomap.objectives.base.DenseObjective`) give their fine map (sliding window, as ``embed``);
     other encoders the pyramid level of :func:`_feature_level`, L2-normalised. Only a slab
     of the volume around ``z`` is encoded (its thickness a multiple of the largest stride,
-    ``z`` on the feature grid), so memory does not grow with the number of slices.
+    ``z`` on the feature grid), so memory does not grow with the number of slices. The
+    networks run on ``device`` (``precision``: its autocast, auto = bf16 on CUDA only); the
+    features come back as a CPU array.
     """
     m = int(max(encoder.pyramid_strides))
     thick = max(2 * m, 32 // m * m)
@@ -102,17 +111,21 @@ def slice_features(
     lo, hi = max(0, z - off), min(nz, z - off + thick)
     slab[..., lo - (z - off) : hi - (z - off)] = image[..., lo:hi]
     encoder = encoder.eval()
+    dev = resolve_device(device)
     if objective is not None and isinstance(objective, DenseObjective):
         from anatomap.infer.embed import DenseModel, embed_array
 
-        emb = embed_array(DenseModel(encoder, objective.eval()), slab, np.eye(4), window=64)
+        model = DenseModel(encoder, objective.eval())
+        emb = embed_array(model, slab, np.eye(4), window=64, device=dev, precision=precision)
         stride = int(objective.strides[1])
         return emb.fine[:, :, :, off // stride].numpy(), stride
     pad = [(-n) % m for n in (nx, ny)]
     x = torch.from_numpy(np.pad(slab, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0))))[None]
     level = _feature_level(encoder)
     stride = int(encoder.pyramid_strides[level])
-    fmap = F.normalize(encoder.pyramid(x)[level].float(), dim=1)[0]
+    with autocast(dev, resolve_precision(precision, dev)):
+        top = encoder.to(dev).pyramid(x.to(dev))[level]
+    fmap = F.normalize(top.float(), dim=1)[0].cpu()
     keep = (-(-nx // stride), -(-ny // stride))
     return fmap[:, : keep[0], : keep[1], off // stride].numpy(), stride
 
@@ -126,14 +139,20 @@ def foreground_slice(subject) -> int:
 
 
 def dense_slices(
-    subject, models: dict[str, tuple[Encoder, Objective | None]], z: int | None = None
+    subject,
+    models: dict[str, tuple[Encoder, Objective | None]],
+    z: int | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
 ) -> list[DenseSlice]:
-    """One :class:`DenseSlice` per model on the same axial slice of a cached subject."""
+    """One :class:`DenseSlice` per model on the same axial slice of a cached subject (run on
+    ``device``, see :func:`slice_features`)."""
     image = np.asarray(subject.image, np.float32)
     z = foreground_slice(subject) if z is None else int(z)
     out = []
     for name, (enc, obj) in models.items():
-        feats, stride = slice_features(enc, obj, image, z)
+        feats, stride = slice_features(enc, obj, image, z, device=device, precision=precision)
         out.append(DenseSlice(name, image[0, :, :, z], feats, stride))
     return out
 
@@ -315,10 +334,13 @@ def embedding_section(
     models: dict[str, tuple[Encoder, Objective | None]],
     *,
     uid: str = "similarity",
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
 ) -> Section:
     """The report section of dense embeddings on one subject: interactive similarity to a
-    clicked point, static similarity maps for three points, and PCA-RGB maps."""
-    slices = dense_slices(subject, models)
+    clicked point, static similarity maps for three points, and PCA-RGB maps (the models
+    run on ``device``, see :func:`slice_features`)."""
+    slices = dense_slices(subject, models, device=device, precision=precision)
     z = foreground_slice(subject)
     text = (
         f"Axial slice {z} of held-out subject {html.escape(subject_id)}. Features: the fine "
@@ -353,4 +375,6 @@ def context_embedding_section(ctx: EvalContext) -> Section | None:
         "random init": (ctx.random_encoder(), ctx.random_objective()),
     }
     sid = ctx.subjects[0]
-    return embedding_section(sid, ctx.cache[sid], models)
+    return embedding_section(
+        sid, ctx.cache[sid], models, device=ctx.device, precision=ctx.precision
+    )

@@ -118,8 +118,8 @@ def health_task(ctx: EvalContext) -> TaskResult:
         )
     rand, rand_obj = ctx.random_encoder(), ctx.random_objective()
     embs = {
-        ctx.name: embed(lambda x: ctx.objective.embed(ctx.encoder, x), crops.images),
-        "random init": embed(lambda x: rand_obj.embed(rand, x), crops.images),
+        ctx.name: embed(ctx.embedder(ctx.encoder, ctx.objective), crops.images),
+        "random init": embed(ctx.embedder(rand, rand_obj), crops.images),
     }
     results = {name: health_metrics(e, labels) for name, e in embs.items()}
     header = [

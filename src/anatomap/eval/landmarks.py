@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from anatomap.data.cache import CachedSubject
+from anatomap.eval.tasks import progress_bar
 
 CPM_RADII: tuple[float, ...] = (3.0, 5.0, 10.0)
 """Radii (mm) of the CPM (cumulative points matched) metrics."""
@@ -287,7 +288,8 @@ def evaluate_matchers(
     per pair (a seeded, order-independent subsample, shared by all matchers).
 
     A matcher whose ``match`` raises is recorded as failed on that pair (NaN points, a
-    warning); pairs with no landmark in common are skipped.
+    warning); pairs with no landmark in common are skipped. ``progress``: a tqdm bar over the
+    pairs on stderr.
     """
     names_m = [m.name for m in matchers]
     if len(set(names_m)) != len(names_m):
@@ -307,19 +309,19 @@ def evaluate_matchers(
 
     pairs: list[PairResult] = []
     todo = [(a, b) for a in subjects for b in subjects if a != b]
-    for k, (a, b) in enumerate(todo):
-        pr = _new_pair(subs, a, b, max_points, seed, partial_set)
-        if pr is None:
-            continue
-        for m in matchers:
-            sa, sb = state(m, a), state(m, b)
-            _match_pair(m, pr, subs[a], sa, subs[b], sb)
-        pairs.append(pr)
-        if progress:
-            summary = ", ".join(
-                f"{m}: {np.nanmean(pr.errors(m)):.2f} mm {pr.match_s[m]:.1f} s" for m in names_m
-            )
-            print(f"[{k + 1}/{len(todo)}] {a} -> {b} ({len(pr.names)} pts) {summary}", flush=True)
+    with progress_bar(todo, desc="landmark pairs", enabled=progress, leave=False) as bar:
+        for a, b in bar:
+            pr = _new_pair(subs, a, b, max_points, seed, partial_set)
+            if pr is None:
+                continue
+            for m in matchers:
+                sa, sb = state(m, a), state(m, b)
+                _match_pair(m, pr, subs[a], sa, subs[b], sb)
+            pairs.append(pr)
+            if progress:
+                bar.set_postfix_str(
+                    ", ".join(f"{m} {np.nanmean(pr.errors(m)):.1f} mm" for m in names_m)
+                )
     return LandmarkReport(
         matchers=names_m,
         pairs=pairs,

@@ -38,5 +38,6 @@ def landmark_task(ctx: EvalContext) -> TaskResult:
         partial=partial,
         max_points=ctx.options.get("max_points", 40),
         seed=ctx.seed,
+        progress=ctx.progress,
     )
     return TaskResult(report.metrics(), landmark_sections(report))

@@ -7,10 +7,13 @@
   target; the nearest embedding wins.
 :func:`build_matchers` gives the task's rows: the checkpoint, its random-init twin, other
 checkpoints (``compare``) and the registration baselines (:mod:`anatomap.eval.registration`).
+The embedding matchers run their networks (and the dense matching) on ``device`` (auto: a GPU
+when there is one), under ``precision``'s autocast (auto: bf16 on CUDA only).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +26,8 @@ from anatomap.data.cache import CachedSubject
 from anatomap.data.sampler import cut_view
 from anatomap.errors import AnatomapError
 from anatomap.eval import landmarks as lm
-from anatomap.eval.tasks import EvalContext
+from anatomap.eval.tasks import EvalContext, embedder
+from anatomap.infer.device import resolve_device
 from anatomap.infer.embed import DenseModel, embed_array
 from anatomap.infer.match import match_points, prepare_target
 from anatomap.models.encoders import Encoder
@@ -33,20 +37,33 @@ from anatomap.objectives.base import DenseObjective, Objective
 class DenseMatcher:
     """Coarse-to-fine matching on the dense embeddings of a checkpoint (SAM)."""
 
-    def __init__(self, name: str, model: DenseModel, window: int = 64) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: DenseModel,
+        window: int = 64,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+    ) -> None:
         self.name = name
         self.model = model
         self.window = window
+        self.device = resolve_device(device)
+        self.precision = precision
+        # matching is float64 geometry, which MPS lacks: on a Mac it matches on the CPU
+        self.match_device = self.device if self.device.type != "mps" else torch.device("cpu")
 
     def prepare(self, subject: CachedSubject) -> Any:
-        emb = embed_array(
-            self.model, np.asarray(subject.image, np.float32), subject.affine, window=self.window
-        )
-        prepare_target(emb)  # per-volume work (fine rows, coarse norms), not part of each match
+        image = np.asarray(subject.image, np.float32)
+        run = {"device": self.device, "precision": self.precision}
+        emb = embed_array(self.model, image, subject.affine, window=self.window, **run)
+        # per-volume work (fine rows, coarse norms), not part of each match
+        prepare_target(emb, self.match_device)
         return emb
 
     def match(self, template, template_state, points_mm, target, target_state) -> lm.MatchResult:
-        res = match_points(template_state, points_mm, target_state)
+        res = match_points(template_state, points_mm, target_state, device=self.match_device)
         return lm.MatchResult(res.points_mm, res.scores)
 
 
@@ -96,25 +113,36 @@ class CropMatcher:
         return lm.MatchResult(pts, -dist.min(1).values.numpy())
 
 
-def matcher_for(name: str, encoder: Encoder, objective: Objective, meta: dict) -> Any:
-    """The right matcher for a model: dense when its objective has dense heads."""
+def matcher_for(
+    name: str,
+    encoder: Encoder,
+    objective: Objective,
+    meta: dict,
+    *,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+) -> Any:
+    """The right matcher for a model: dense when its objective has dense heads (run on
+    ``device`` under ``precision``'s autocast)."""
     if isinstance(objective, DenseObjective):
-        return DenseMatcher(name, DenseModel(encoder, objective))
+        model = DenseModel(encoder, objective)
+        return DenseMatcher(name, model, device=device, precision=precision)
     crop = int(meta.get("objective_config", {}).get("crop_size", 32))
-    return CropMatcher(name, lambda x: objective.embed(encoder, x), crop)
+    return CropMatcher(name, embedder(encoder, objective, device, precision), crop)
 
 
 def build_matchers(ctx: EvalContext) -> list[Any]:
     from anatomap.eval.registration import AffineRegistration, BSplineRegistration
 
-    matchers = [matcher_for(ctx.name, ctx.encoder, ctx.objective, ctx.meta)]
+    make = functools.partial(matcher_for, device=ctx.device, precision=ctx.precision)
+    matchers = [make(ctx.name, ctx.encoder, ctx.objective, ctx.meta)]
     enc, obj = ctx.random_encoder(), ctx.random_objective()
-    matchers.append(matcher_for("random init", enc, obj, ctx.meta))
+    matchers.append(make("random init", enc, obj, ctx.meta))
     for label, path in (ctx.options.get("compare") or {}).items():
         if label in {m.name for m in matchers} | {"affine", "affine+bspline"}:
             raise AnatomapError(f"--compare name '{label}' is already a row of the table")
         encoder, objective, meta = load_model(path)
-        matchers.append(matcher_for(label, encoder, objective, meta))
+        matchers.append(make(label, encoder, objective, meta))
     if ctx.options.get("registration", True):
         matchers += [AffineRegistration(), BSplineRegistration()]
     return matchers

@@ -169,8 +169,8 @@ def position_task(ctx: EvalContext) -> TaskResult:
     crops = sample_crops(ctx.cache, ctx.subjects, size, per_subject, ctx.seed)
     rand, rand_obj = ctx.random_encoder(), ctx.random_objective()
     embedders = {
-        ctx.name: lambda x: ctx.objective.embed(ctx.encoder, x),
-        "random init": lambda x: rand_obj.embed(rand, x),
+        ctx.name: ctx.embedder(ctx.encoder, ctx.objective),
+        "random init": ctx.embedder(rand, rand_obj),
     }
     results = {
         name: position_readout(embed(fn, crops.images), crops.centres, crops.groups, ctx.seed)

@@ -219,8 +219,8 @@ def region_task(ctx: EvalContext) -> TaskResult:
     crops = region_crops(ctx.cache, ctx.subjects, label, regions, size, per_region, ctx.seed)
     rand, rand_obj = ctx.random_encoder(), ctx.random_objective()
     embedders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        ctx.name: lambda x: ctx.objective.embed(ctx.encoder, x),
-        "random init": lambda x: rand_obj.embed(rand, x),
+        ctx.name: ctx.embedder(ctx.encoder, ctx.objective),
+        "random init": ctx.embedder(rand, rand_obj),
     }
     results = {
         name: probe_scores(embed(fn, crops.images), crops.labels, crops.groups, seed=ctx.seed)

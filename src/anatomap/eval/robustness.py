@@ -95,12 +95,14 @@ def _landmark_conditions(
             s: (ctx.cache[s] if c is None else DroppedSubject(ctx.cache[s], c))
             for s in ctx.subjects
         }
+        model = DenseModel(encoder, objective)
         report = lm.evaluate_matchers(
-            [DenseMatcher(name, DenseModel(encoder, objective))],
+            [DenseMatcher(name, model, device=ctx.device, precision=ctx.precision)],
             subs,
             ctx.subjects,
             max_points=max_points,
             seed=ctx.seed,
+            progress=ctx.progress,
         )
         out[condition_name(m)] = report.metrics()["matchers"][name]["overall"]
     return out
@@ -161,8 +163,9 @@ def robustness_task(ctx: EvalContext) -> TaskResult:
     marks: dict[str, dict[str, dict[str, float]]] = {}
     for name, (enc, obj) in _models(ctx).items():
         position[name] = {}
+        fn = ctx.embedder(enc, obj)
         for c, m in conditions:
-            e = embed(lambda x, enc=enc, obj=obj: obj.embed(enc, x), drop_channel(crops.images, c))
+            e = embed(fn, drop_channel(crops.images, c))
             res = position_readout(e, crops.centres, crops.groups, ctx.seed)
             position[name][condition_name(m)] = res.metrics()
         if with_landmarks and isinstance(obj, DenseObjective):

@@ -24,6 +24,7 @@ and compare with the same network trained from scratch under the same budget.
 - Scoring: MONAI ``sliding_window_inference`` over each held-out volume, argmax, MONAI
   ``DiceMetric`` per foreground class (classes absent from a subject's ground truth are
   skipped), averaged over subjects, then over classes.
+- Device: training and inference on ``ctx.device`` (bf16 autocast on CUDA only).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from anatomap.errors import AnatomapError
 from anatomap.eval.region import DEFAULT_LABEL, atlas_names, largest_regions
 from anatomap.eval.report import Section
 from anatomap.eval.tasks import EvalContext, TaskResult, random_encoder, register_task
+from anatomap.infer.device import autocast, resolve_device, resolve_precision
 from anatomap.models.encoders import Encoder
 
 TISSUE_LABEL = "tissue"
@@ -170,8 +172,15 @@ def finetune(
     num_classes: int,
     budget: SegBudget,
     seed: int = 0,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
 ) -> list[float]:
-    """Train ``net`` in place on crops of ``volumes``; returns the loss per step."""
+    """Train ``net`` in place on crops of ``volumes`` on ``device`` (``precision``: autocast,
+    auto = bf16 on CUDA only); returns the loss per step."""
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    net.to(dev)
     crop = RandCropByPosNegLabeld(
         keys=["image", "label"],
         label_key="label",
@@ -199,7 +208,8 @@ def finetune(
         samples = crop(items[step % len(items)])
         x = torch.stack([torch.as_tensor(np.asarray(s["image"])) for s in samples]).float()
         y = torch.stack([torch.as_tensor(np.asarray(s["label"])) for s in samples]).long()
-        loss = loss_fn(net(x), y)
+        with autocast(dev, dtype):
+            loss = loss_fn(net(x.to(dev)), y.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -209,11 +219,22 @@ def finetune(
 
 
 @torch.no_grad()
-def predict(net: PyramidUNet, image: np.ndarray, crop: int) -> np.ndarray:
-    """Class map ``[*S]`` of one volume by sliding windows of ``crop`` voxels."""
-    x = torch.as_tensor(image)[None].float()
-    logits = sliding_window_inference(x, [crop] * 3, 8, net, overlap=0.25, mode="gaussian")
-    return logits.argmax(1)[0].numpy()
+def predict(
+    net: PyramidUNet,
+    image: np.ndarray,
+    crop: int,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+) -> np.ndarray:
+    """Class map ``[*S]`` of one volume by sliding windows of ``crop`` voxels (on ``device``,
+    under ``precision``'s autocast; the map comes back as a CPU array)."""
+    dev = resolve_device(device)
+    x = torch.as_tensor(image)[None].float().to(dev)
+    net.to(dev)
+    with autocast(dev, resolve_precision(precision, dev)):
+        logits = sliding_window_inference(x, [crop] * 3, 8, net, overlap=0.25, mode="gaussian")
+    return logits.argmax(1)[0].cpu().numpy()
 
 
 def dice_per_class(
@@ -355,17 +376,18 @@ def _finetune_all(
     res: dict[str, dict[int, float]] = {k: {} for k in inits}
     per_class: dict[str, dict[int, Any]] = {k: {} for k in inits}
     example: dict[str, np.ndarray] = {"truth": truths[0]}
-    for n in counts:
-        for init, make in inits.items():
-            torch.manual_seed(ctx.seed)  # the same decoder initialisation for both
-            net = PyramidUNet(make(), num_classes, opts["full_resolution"])
-            finetune(net, train_vols[:n], num_classes, budget, ctx.seed)
-            preds = [predict(net, v.image, budget.crop) for v in test_vols]
-            d = dice_per_class(preds, truths, num_classes)
-            res[init][n] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
-            per_class[init][n] = [None if not np.isfinite(x) else float(x) for x in d]
-            if n == max(counts):
-                example[f"{init}, {n} labelled"] = preds[0]
+    dev, prec = ctx.device, ctx.precision
+    runs = [(n, init, make) for n in counts for init, make in inits.items()]
+    for n, init, make in ctx.bar(runs, desc="segmentation", unit="run"):
+        torch.manual_seed(ctx.seed)  # the same decoder initialisation for both
+        net = PyramidUNet(make(), num_classes, opts["full_resolution"])
+        finetune(net, train_vols[:n], num_classes, budget, ctx.seed, device=dev, precision=prec)
+        preds = [predict(net, v.image, budget.crop, device=dev, precision=prec) for v in test_vols]
+        d = dice_per_class(preds, truths, num_classes)
+        res[init][n] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
+        per_class[init][n] = [None if not np.isfinite(x) else float(x) for x in d]
+        if n == max(counts):
+            example[f"{init}, {n} labelled"] = preds[0]
     return res, per_class, example
 
 

@@ -61,9 +61,10 @@ def centred(points: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def observe(ctx: EvalContext, num_views: int) -> list[VolumeObservables]:
     """Sample ``num_views`` views of each held-out subject (reproducible with ``ctx.seed``)
-    and run the objective's heads on them."""
+    and run the objective's heads on them (on ``ctx.device``; results back on the CPU)."""
     objective = ctx.objective.eval()
     encoder = ctx.encoder.eval()
+    ctx.to_device(encoder, objective)
     cfg = objective.config
     spec = ViewSpec(
         num_views=num_views,
@@ -75,7 +76,8 @@ def observe(ctx: EvalContext, num_views: int) -> list[VolumeObservables]:
         rng = np.random.default_rng([ctx.seed, g, 23])
         images, affines = sample_views(ctx.cache[sid], spec, rng)
         centres = geometry.box_center(affines, images.shape[2:])
-        pred = objective.predict(encoder, torch.from_numpy(images)[None])
+        with ctx.autocast():
+            pred = objective.predict(encoder, torch.from_numpy(images)[None].to(ctx.device))
         order = np.argsort(centres[:, 2], kind="stable")
         gaps = geometry.pairwise_gaps(centres)
         out.append(

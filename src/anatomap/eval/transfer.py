@@ -195,3 +195,42 @@ def merge_matcher(results: Sequence[ConditionResult], path: str | Path) -> tuple
             if rec["error"]:
                 p.errors_msg[name] = rec["error"]
     return name, str(saved.get("note", ""))
+
+
+def run_transfer(
+    matchers: Sequence[Any],
+    source: LabelSource | None = None,
+    conditions: Sequence[str] = tuple(CONDITIONS),
+    n_targets: int = 5,
+    max_points: int | None = 50,
+    log: Callable[[str], None] | None = None,
+) -> list[ConditionResult]:
+    """Template (``source``'s own T1, default the MNI152 brain with Dosenbach landmarks) ->
+    ``n_targets`` held-out targets of each condition, with every matcher on the same pairs
+    (the template is prepared once per matcher, not timed)."""
+    source = source or LabelSource.brain("dosenbach")
+    template = template_subject(source)
+    states = {m.name: m.prepare(template) for m in matchers}
+    results = []
+    for cond in conditions:
+        targets, contrasts = condition_targets(source, cond, n_targets)
+        results.append(
+            run_condition(matchers, template, states, cond, targets, contrasts, max_points, log=log)
+        )
+    return results
+
+
+def summary_table(results: Sequence[ConditionResult], matchers: Sequence[str]) -> list[str]:
+    """Plain-text rows: condition, matcher, mean error, share within 5 mm, seconds/target."""
+    head = f"{'condition':<44} {'matcher':<22} {'mean err mm':>11} {'<=5 mm':>7} {'s/target':>9}"
+    lines = [head]
+    for r in results:
+        for m in matchers:
+            if not r.pairs or m not in r.pairs[0].matched_mm:
+                continue
+            x = r.metrics(m)
+            lines.append(
+                f"{r.name:<44} {m:<22} {x['mre_mm']:>11.2f} {x['cpm@5']:>7.2f} "
+                f"{x['s_per_target']:>9.1f}"
+            )
+    return lines

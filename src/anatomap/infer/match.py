@@ -11,6 +11,12 @@ materialised); its coarse term is the trilinear interpolation, at the fine voxel
 point's coarse similarities, divided by the norm of the interpolated coarse vector (per target,
 from 8x8 Gram matrices of the coarse cells). That equals the cosine similarity with the coarse
 map re-sampled on the fine grid, as before, without building that map.
+
+Maps may be float16 (as :func:`~anatomap.infer.embed.embed_array` makes them): the template's
+vectors are read from the 8 corner voxels of each point and upcast there; the target's state
+holds its coarse map and its fine voxel rows as float32, upcast one slab at a time (torch's
+sampled product has no float16 CPU kernel; gathering float16 rows per block measured 4-7x
+slower). ``device`` runs the matrix products and the refinement on a GPU (CPU by default).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 
 from anatomap import geometry
 from anatomap.errors import AnatomapError
-from anatomap.geometry import sample_map
+from anatomap.infer.device import float32_rows, resolve_device
 from anatomap.infer.embed import DenseEmbedding
 
 DEFAULT_LOW_SCORE = 0.5
@@ -33,6 +39,7 @@ DEFAULT_CHUNK_SIZE = 1024
 MIN_BLOCK_BYTES = 32 * 2**20  # refinement blocks may always use this much (see fine_block)
 SCORED_BYTES = 192  # temporaries per scored fine voxel in the refinement, at most
 _EPS = 1e-12  # F.normalize's floor on a norm
+UPCAST_BYTES = 64 * 2**20  # float32 rows made from a float16 map at once
 _CORNERS = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
 
 
@@ -60,6 +67,22 @@ def _check_inside(template: DenseEmbedding, pts: np.ndarray) -> None:
         )
 
 
+def _sample(fmap: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """Unit-length trilinear samples ``[N, D]`` (float32) of ``fmap [D, *s]`` (any float dtype)
+    at voxel indices ``ijk [N, 3]`` inside it, as :func:`anatomap.geometry.sample_map` computes
+    them, reading (and upcasting) only each point's 8 corner voxels."""
+    rows, idx, wts = fmap.movedim(0, -1), [], []
+    for a, n in enumerate(fmap.shape[1:]):
+        p, w_lo, w_hi = _lerp(ijk[:, a].to(fmap.device), n)  # p: the lower corner + 1
+        idx.append(((p - 1).clamp(0, n - 1), p.clamp(max=n - 1)))
+        wts.append((w_lo.masked_fill(p < 1, 0.0), w_hi.masked_fill(p > n - 1, 0.0)))
+    out = fmap.new_zeros(len(ijk), fmap.shape[0], dtype=torch.float32)
+    for a, b, c in _CORNERS:
+        w = wts[0][a] * wts[1][b] * wts[2][c]
+        out += w[:, None] * rows[idx[0][a], idx[1][b], idx[2][c]].float()
+    return torch.nn.functional.normalize(out, dim=-1)
+
+
 def _sample_template(
     template: DenseEmbedding, pts: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +91,7 @@ def _sample_template(
     for fmap, aff in zip(maps, affines, strict=True):
         ijk = geometry.world_to_voxel(torch.as_tensor(aff), torch.as_tensor(pts))
         ijk = torch.stack([ijk[:, k].clamp(0, fmap.shape[k + 1] - 1) for k in range(3)], -1)
-        out.append(sample_map(fmap, ijk))
+        out.append(_sample(fmap, ijk))
     return out[0], out[1]
 
 
@@ -92,7 +115,8 @@ class _Target:
     """What matching needs of a target, computed once per embedding (and kept on it)."""
 
     source: tuple[object, ...]  # the embedding's maps and affines (to notice a replaced one)
-    rows: torch.Tensor  # [Mf, D]: one row per fine voxel
+    device: torch.device
+    rows: torch.Tensor  # [Mf, D] float32: one row per fine voxel
     coarse: torch.Tensor  # [D, Mc]
     grams: torch.Tensor  # [cells, 64]: 8 x 8 Gram matrix of each padded coarse cell's corners
     shape_c: tuple[int, int, int]
@@ -116,7 +140,7 @@ def _cell_grams(coarse: torch.Tensor) -> torch.Tensor:
     d = coarse.shape[0]
     pad = torch.nn.functional.pad(coarse, (1, 3, 1, 3, 1, 3))  # + the last cells' corners
     n = _padded(tuple(coarse.shape[1:]))
-    grams = torch.empty(n[0], n[1] * n[2], 8, 8)
+    grams = torch.empty(n[0], n[1] * n[2], 8, 8, device=coarse.device)
     for x in range(n[0]):  # one slab of cells at a time
         corners = torch.stack(
             [pad[:, x + a, b : b + n[1], c : c + n[2]].reshape(d, -1) for a, b, c in _CORNERS],
@@ -150,7 +174,9 @@ def _axis_tables(t: _Target) -> list[tuple[torch.Tensor, ...]] | None:
     if not bool(((lin - torch.diag(torch.diagonal(lin))).abs() <= 1e-12 * lin.abs().max()).all()):
         return None
     return [
-        _lerp(f2c[a, a] * torch.arange(t.shape_f[a], dtype=torch.float64) + f2c[a, 3], n)
+        _lerp(
+            f2c[a, a] * torch.arange(t.shape_f[a], dtype=f2c.dtype, device=t.device) + f2c[a, 3], n
+        )
         for a, n in enumerate(t.shape_c)
     ]
 
@@ -213,9 +239,9 @@ def _norm_map(t: _Target, block: int = 1 << 16) -> torch.Tensor:
     summed one axis at a time (about 15 multiply-adds per fine voxel)."""
     if t.axes is None:
         m_f = math.prod(t.shape_f)
-        norm = torch.empty(m_f)
+        norm = torch.empty(m_f, device=t.device)
         for s in range(0, m_f, block):
-            ijk = _unravel(torch.arange(s, min(s + block, m_f)), t.shape_f)
+            ijk = _unravel(torch.arange(s, min(s + block, m_f), device=t.device), t.shape_f)
             norm[s : s + len(ijk)] = _norms(t, *_cells(t, list(ijk.unbind(-1))))
         return norm
     (p0, *w0), (p1, *w1), (p2, *w2) = t.axes
@@ -227,29 +253,38 @@ def _norm_map(t: _Target, block: int = 1 << 16) -> torch.Tensor:
     return sq.reshape(-1).clamp_min(0).sqrt()
 
 
-def prepare_target(emb: DenseEmbedding) -> _Target:
-    """The per-target part of :func:`match_points`, cached on the embedding: the fine map as
-    rows (a copy, unless the map is stored channels-last), the Gram matrices of the coarse
-    cells (64 floats per coarse voxel) and the norm of the interpolated coarse map at every
-    fine voxel (one float per fine voxel)."""
+def prepare_target(emb: DenseEmbedding, device: str | torch.device = "cpu") -> _Target:
+    """The per-target part of :func:`match_points`, cached on the embedding (for one device
+    at a time): the fine map as float32 rows (:func:`~anatomap.infer.device.float32_rows`), the Gram matrices of the
+    coarse cells (64 floats per coarse voxel) and the norm of the interpolated coarse map at
+    every fine voxel (one float per fine voxel)."""
+    dev = resolve_device(device)
+    if dev.type == "mps":  # the geometry is float64 arithmetic, which MPS lacks: the CPU
+        dev = torch.device("cpu")
     source = (emb.coarse, emb.fine, emb.coarse_affine, emb.fine_affine)
     cached = getattr(emb, "_match_target", None)
-    if cached is not None and all(a is b for a, b in zip(cached.source, source, strict=True)):
+    if (
+        cached is not None
+        and cached.device == dev
+        and all(a is b for a, b in zip(cached.source, source, strict=True))
+    ):
         return cached
-    d = emb.fine.shape[0]
+    emb._match_target = None  # type: ignore[attr-defined]  # free the old state first
     fine_aff = torch.as_tensor(emb.fine_affine, dtype=torch.float64)
     coarse_aff = torch.as_tensor(emb.coarse_affine, dtype=torch.float64)
+    coarse = emb.coarse.to(dev, torch.float32)
     state = _Target(
         source=source,
-        rows=emb.fine.float().permute(1, 2, 3, 0).reshape(-1, d).contiguous(),
-        coarse=emb.coarse.float().reshape(emb.coarse.shape[0], -1),
-        grams=_cell_grams(emb.coarse.float()),
+        device=dev,
+        rows=float32_rows(emb.fine, dev, UPCAST_BYTES),
+        coarse=coarse.reshape(coarse.shape[0], -1),
+        grams=_cell_grams(coarse),
         shape_c=tuple(emb.coarse.shape[1:]),  # type: ignore[arg-type]
         shape_f=tuple(emb.fine.shape[1:]),  # type: ignore[arg-type]
-        coarse_aff=coarse_aff,
-        fine_aff=fine_aff,
-        fine_inv=torch.linalg.inv(fine_aff),
-        fine_to_coarse=torch.linalg.inv(coarse_aff) @ fine_aff,
+        coarse_aff=coarse_aff.to(dev),
+        fine_aff=fine_aff.to(dev),
+        fine_inv=torch.linalg.inv(fine_aff).to(dev),  # inverted on the CPU on every device
+        fine_to_coarse=(torch.linalg.inv(coarse_aff) @ fine_aff).to(dev),
     )
     state.axes = _axis_tables(state)
     state.norm = _norm_map(state)
@@ -262,7 +297,10 @@ def prepare_target(emb: DenseEmbedding) -> _Target:
 
 def _fine_dots(rows: torch.Tensor, q: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """``q[b] . rows[flat[b, e]]`` for every ``b, e``: ``[B, E]`` dot products, one per scored
-    voxel (a sampled dense-dense product; no ``[B, E, D]`` gather)."""
+    voxel. On the CPU a sampled dense-dense product (no ``[B, E, D]`` gather); on a GPU a
+    gather and a batched product (:func:`_gathered_dots`)."""
+    if rows.device.type != "cpu":
+        return _gathered_dots(rows, q, flat)
     b, e = flat.shape
     split = -(-e // len(rows))  # sampled_addmm takes at most one entry per column and row
     if split > 1:
@@ -277,6 +315,11 @@ def _fine_dots(rows: torch.Tensor, q: torch.Tensor, flat: torch.Tensor) -> torch
     return out.values().view(b, -1)[:, :e]
 
 
+def _gathered_dots(rows: torch.Tensor, q: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """:func:`_fine_dots` by gathering the rows ``[B, E, D]`` (GPUs: memory is fast there)."""
+    return torch.bmm(rows[flat], q[:, :, None]).squeeze(-1)
+
+
 def _score(
     t: _Target, q_f: torch.Tensor, sim_pad: torch.Tensor, ijk: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +327,7 @@ def _score(
     from their fine vectors ``q_f [B, D]`` and their coarse similarities to the zero-padded
     coarse grid ``sim_pad [B, cells]``; and whether each voxel is inside the fine map."""
     n = t.shape_f
-    valid = ((ijk >= 0) & (ijk < torch.as_tensor(n)[:, None, None])).all(0)
+    valid = ((ijk >= 0) & (ijk < torch.as_tensor(n, device=t.device)[:, None, None])).all(0)
     c = [ijk[a].clamp(0, n[a] - 1) for a in range(3)]
     flat = (c[0] * n[1] + c[1]) * n[2] + c[2]
     fine = _fine_dots(t.rows, q_f, flat)
@@ -307,11 +350,12 @@ class _Reach:
 
 
 def _reach(t: _Target, radius: float) -> _Reach:
-    aff = t.fine_aff.numpy()
+    aff = t.fine_aff.cpu().numpy()
     half = np.ceil(radius / geometry.spacing(aff)).astype(int)
     box = torch.stack(
         torch.meshgrid(*[torch.arange(-h, h + 1) for h in half], indexing="ij"), -1
     ).reshape(-1, 3)
+    box = box.to(t.device)
     sv = np.linalg.svd(aff[:3, :3], compute_uv=False)
     return _Reach(radius, box, (float(sv.min()), float(sv.max())))
 
@@ -350,12 +394,14 @@ def _refine(
         ok[:, check] &= (world - centre_mm[:, None, :]).norm(dim=-1) <= reach.radius
     combined = combined.view(b * k, -1).masked_fill(~ok, float("-inf"))
     best_val, best = combined.max(1)  # per (point, candidate)
-    pick = best_val.view(b, k).argmax(1) + torch.arange(b) * k
+    pick = best_val.view(b, k).argmax(1) + torch.arange(b, device=t.device) * k
     win, score = ijk[:, pick, best[pick]].T, best_val[pick]
     lost = torch.isneginf(score)  # no voxel inside the map and the radius: as before
     if lost.any():
         corner = centre_ijk[pick[lost]] + reach.box[0]
-        win[lost] = torch.minimum(corner.clamp_min(0), torch.as_tensor(t.shape_f) - 1)
+        win[lost] = torch.minimum(
+            corner.clamp_min(0), torch.as_tensor(t.shape_f, device=t.device) - 1
+        )
     return win, score
 
 
@@ -365,7 +411,8 @@ def _subvoxel(
     """Continuous fine indices ``[B, 3]`` of the combined-similarity peak: a parabola through
     the winner and its two neighbours along each axis (no shift along an axis where a
     neighbour is outside the map or the winner is not a strict maximum)."""
-    steps = torch.cat([torch.eye(3, dtype=torch.long), -torch.eye(3, dtype=torch.long)])
+    eye = torch.eye(3, dtype=torch.long, device=t.device)
+    steps = torch.cat([eye, -eye])
     around, valid = _score(t, q_f, sim_pad, (ijk[:, None, :] + steps[None]).permute(2, 0, 1))
     plus, minus = around[:, :3].double(), around[:, 3:].double()
     curve = plus + minus - 2 * peak.double()[:, None]
@@ -393,20 +440,25 @@ def match_points(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     subvoxel: bool = False,
+    device: str | torch.device = "cpu",
 ) -> MatchResult:
     """Coarse argmax, then coarse + fine argmax within ``refine_radius_mm`` of it (default:
     one and a half coarse voxels). The ``candidates`` best coarse voxels are each refined and
     the best combined score wins, which guards against a single wrong coarse peak.
 
     Points go ``chunk_size`` at a time: the largest intermediate holds about ``chunk_size x
-    coarse voxels`` floats, whatever the number of points. ``subvoxel=True`` moves each match
-    to the parabolic peak of the combined similarity between fine voxels (the score stays
-    the voxel's); off by default."""
+    coarse voxels`` floats, whatever the number of points. ``subvoxel=True`` moves each
+    match to the parabolic peak of the combined similarity between fine voxels, so matches do
+    not snap to the fine grid (the score stays the voxel's; measured: lower error in every
+    transfer condition, docs/benchmarks.md "match_outliers"). Off here (the voxel centre, as
+    the evaluation's matchers use); ``anatomap.match`` and ``anatomap match`` turn it on. ``device`` (:func:`~anatomap.infer.device.resolve_device`)
+    holds the target's state and does the work (``mps`` falls back to the CPU: the geometry
+    is float64); results come back as NumPy arrays."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size {chunk_size}: must be at least 1")
     pts = np.asarray(points_mm, np.float64).reshape(-1, 3)
     _check_inside(template, pts)
-    t = prepare_target(target)
+    t = prepare_target(target, device)
     m_c = t.coarse.shape[1]
     k = min(candidates, m_c)
     if refine_radius_mm is None:
@@ -415,10 +467,10 @@ def match_points(
     step = fine_block(chunk_size, m_c, k * len(reach.box))
     out, scores, coarse_scores = np.empty((len(pts), 3)), np.empty(len(pts)), np.empty(len(pts))
     for s in range(0, len(pts), chunk_size):
-        q_c, q_f = _sample_template(template, pts[s : s + chunk_size])
+        q_c, q_f = (q.to(t.device) for q in _sample_template(template, pts[s : s + chunk_size]))
         sim = q_c @ t.coarse  # [chunk, Mc]
         top_val, top = sim.topk(k, dim=1)
-        coarse_scores[s : s + len(q_c)] = top_val[:, 0].double().numpy()
+        coarse_scores[s : s + len(q_c)] = top_val[:, 0].double().cpu().numpy()
         for r in range(0, len(q_c), step):
             sim_pad = torch.nn.functional.pad(
                 sim[r : r + step].view(-1, *t.shape_c), (1, 2, 1, 2, 1, 2)
@@ -428,21 +480,17 @@ def match_points(
             at = ijk.to(torch.float64)
             if subvoxel:
                 at = _subvoxel(t, q, sim_pad, ijk, best)
-            out[s + r : s + r + len(ijk)] = geometry.voxel_to_world(t.fine_aff, at).numpy()
-            scores[s + r : s + r + len(ijk)] = (best / 2.0).double().numpy()
+            out[s + r : s + r + len(ijk)] = geometry.voxel_to_world(t.fine_aff, at).cpu().numpy()
+            scores[s + r : s + r + len(ijk)] = (best / 2.0).double().cpu().numpy()
     return MatchResult(out, scores, coarse_scores)
 
 
 def read_points(
     path: str | Path, voxel: bool = False, coords: str = "RAS"
 ) -> tuple[list[str], np.ndarray]:
-    """Names and points ``[N, 3]`` of a points file: a CSV with columns ``x,y,z`` in world mm
-    (``coords``: RAS or LPS; returned as RAS), or ``i,j,k`` voxel indices with ``voxel=True``
-    (optional ``name``), or a 3D Slicer ``.mrk.json`` / ``.fcsv``. See
-    :func:`anatomap.infer.points.read_points`, which this calls.
-
-    The file must be a regular file of UTF-8 text (a byte-order mark is ignored) with finite
-    coordinates; anything else is one :class:`AnatomapError` naming the file (and line)."""
+    """Names and points ``[N, 3]`` (RAS) of a points file: CSV ``x,y,z`` world mm in
+    ``coords`` (RAS or LPS) or ``i,j,k`` with ``voxel=True``, 3D Slicer ``.mrk.json`` /
+    ``.fcsv``; :func:`anatomap.infer.points.read_points` (one error line naming the file)."""
     from anatomap.infer.points import read_points as _read
 
     return _read(path, coords=coords, voxel=voxel)

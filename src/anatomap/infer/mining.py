@@ -7,6 +7,10 @@ points. Every subject is embedded once (:func:`anatomap.infer.embed.embed_array`
 cached array) and the embedding is stored next to the pairs, so nothing is recomputed at
 training time. The folder format and the dataset that reads it are in
 :mod:`anatomap.data.pairs`; ``pretrain`` and ``anatomap mine`` call :func:`pairs_for`.
+
+Embedding and matching run on ``device`` (:func:`anatomap.infer.device.resolve_device`; auto:
+a GPU when there is one, with bf16 autocast on CUDA; MPS embeds there and matches on the CPU,
+whose float64 geometry MPS lacks); ``progress`` is a tqdm bar over the subjects on stderr.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import csv
 import datetime as _dt
 import hashlib
 import json
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from anatomap import geometry
 from anatomap.checkpoint import resolve_checkpoint
@@ -32,6 +38,7 @@ from anatomap.data.pairs import (
     MiningError,
     MiningRequest,
 )
+from anatomap.infer.device import resolve_device
 from anatomap.infer.embed import EMBEDDING_SUFFIX, DenseEmbedding, DenseModel, embed_array
 from anatomap.infer.match import match_points
 from anatomap.io.atomic import atomic_path, atomic_write_json
@@ -91,11 +98,22 @@ def default_mining_dir(
 
 
 class _EmbeddingStore:
-    """Per-subject dense embeddings: computed once, saved, re-read lazily (a few in memory)."""
+    """Per-subject dense embeddings: computed once (on ``device``), saved, re-read lazily (a
+    few in memory)."""
 
-    def __init__(self, model: Any, cache: Cache, folder: Path, fingerprint: str, window: int):
+    def __init__(
+        self,
+        model: Any,
+        cache: Cache,
+        folder: Path,
+        fingerprint: str,
+        window: int,
+        device: torch.device,
+    ) -> None:
         self.model, self.cache, self.folder = model, cache, folder
-        self.fingerprint, self.window = fingerprint, window
+        self.fingerprint, self.window, self.device = fingerprint, window, device
+        # matching is float64 geometry, which MPS lacks: there it matches on the CPU
+        self.match_device = device if device.type != "mps" else torch.device("cpu")
         self._mem: OrderedDict[str, Any] = OrderedDict()
 
     def path(self, subject: str) -> Path:
@@ -108,7 +126,8 @@ class _EmbeddingStore:
             if emb.meta.get("sam_fingerprint") == self.fingerprint:
                 return
         s = self.cache[subject]
-        emb = embed_array(self.model, np.asarray(s.image, np.float32), s.affine, window=self.window)
+        image = np.asarray(s.image, np.float32)
+        emb = embed_array(self.model, image, s.affine, window=self.window, device=self.device)
         emb.source = subject
         emb.meta["sam_fingerprint"] = self.fingerprint
         emb.save(p)
@@ -133,33 +152,37 @@ def _mine_rows(
     progress: bool,
 ) -> tuple[list[list[Any]], int]:
     """The pairs.csv rows of every subject as volume A, and how many pairs found no match."""
+    from tqdm.auto import tqdm
+
     seed, threshold, max_tries = params["seed"], params["threshold"], params["max_tries"]
     rows: list[list[Any]] = []
     failed = 0
-    for ai, a in enumerate(subjects):
-        sa = cache[a]
-        fg = sa.foreground
-        if fg is None or not len(fg):
-            fg = np.argwhere(np.ones(sa.shape, bool))
-        others = [s for s in subjects if s != a]
-        for k in range(params["pairs_per_subject"]):
-            rng = np.random.default_rng([seed, ai, k])
-            b = others[int(rng.integers(len(others)))]
-            ijk_a = fg[rng.integers(len(fg), size=max_tries)].astype(np.float64)
-            world_a = geometry.voxel_to_world(sa.affine, ijk_a)
-            res = match_points(store.get(a), world_a, store.get(b))
-            ok = np.flatnonzero(res.scores >= threshold)
-            if not len(ok):
-                failed += 1
-                continue
-            t = int(ok[0])
-            sb = cache[b]
-            ijk_b = geometry.world_to_voxel(sb.affine, res.points_mm[t : t + 1])[0]
-            ijk_b = np.clip(ijk_b, 0, np.asarray(sb.shape) - 1)
-            score = float(res.scores[t])
-            rows.append([a, *ijk_a[t].tolist(), b, *np.round(ijk_b, 3).tolist(), score, t + 1])
-        if progress:
-            print(f"mined {a}: {len(rows)} pairs so far, {failed} without a match >= {threshold}")
+    with tqdm(
+        subjects, desc="mining", unit="subject", file=sys.stderr, disable=not progress
+    ) as bar:
+        for ai, a in enumerate(bar):
+            sa = cache[a]
+            fg = sa.foreground
+            if fg is None or not len(fg):
+                fg = np.argwhere(np.ones(sa.shape, bool))
+            others = [s for s in subjects if s != a]
+            for k in range(params["pairs_per_subject"]):
+                rng = np.random.default_rng([seed, ai, k])
+                b = others[int(rng.integers(len(others)))]
+                ijk_a = fg[rng.integers(len(fg), size=max_tries)].astype(np.float64)
+                world_a = geometry.voxel_to_world(sa.affine, ijk_a)
+                res = match_points(store.get(a), world_a, store.get(b), device=store.match_device)
+                ok = np.flatnonzero(res.scores >= threshold)
+                if not len(ok):
+                    failed += 1
+                    continue
+                t = int(ok[0])
+                sb = cache[b]
+                ijk_b = geometry.world_to_voxel(sb.affine, res.points_mm[t : t + 1])[0]
+                ijk_b = np.clip(ijk_b, 0, np.asarray(sb.shape) - 1)
+                score = float(res.scores[t])
+                rows.append([a, *ijk_a[t].tolist(), b, *np.round(ijk_b, 3).tolist(), score, t + 1])
+            bar.set_postfix(pairs=len(rows), unmatched=failed)
     return rows, failed
 
 
@@ -175,13 +198,16 @@ def mine_pairs(
     seed: int = 0,
     window: int = 64,
     progress: bool = False,
+    device: str | torch.device = "auto",
 ) -> MinedPairs:
     """Mine ``pairs_per_subject`` pairs with every subject of ``subjects`` as volume A.
 
     Each pair: a random other subject B, up to ``max_tries`` random foreground points of A
     matched in B at once; the first whose score reaches ``threshold`` is kept (a pair with no
-    such point is dropped and counted). Writes ``out`` (see the module docstring).
+    such point is dropped and counted). Writes ``out`` (see the module docstring). ``device``:
+    auto, cpu, cuda, cuda:N or mps (one this machine lacks: one error line, before any work).
     """
+    dev = resolve_device(device)
     out = Path(out)
     subjects = sorted(subjects)
     if len(subjects) < 2:
@@ -200,7 +226,7 @@ def mine_pairs(
             f"{cache.root} has spacing {cache.spacing} mm; mine with a matching checkpoint"
         )
     params = mining_params(pairs_per_subject, threshold, max_tries, seed, window)
-    store = _EmbeddingStore(model, cache, out / "embeddings", fp, window)
+    store = _EmbeddingStore(model, cache, out / "embeddings", fp, window, dev)
     rows, failed = _mine_rows(store, cache, subjects, params, progress)
     if not rows:
         raise MiningError(
@@ -245,8 +271,12 @@ def load_or_mine(
     **kwargs: Any,
 ) -> MinedPairs:
     """Reuse a mined folder made by the same checkpoint, cache, subjects and parameters; mine
-    when there is none. A folder made otherwise is an error naming the field that differs."""
+    when there is none. A folder made otherwise is an error naming the field that differs.
+    ``progress`` and ``device`` (see :func:`mine_pairs`) do not change what is mined, so they
+    are not part of that key."""
     progress = bool(kwargs.pop("progress", False))
+    device = kwargs.pop("device", "auto")
+    resolve_device(device)  # checked even when the pairs are read back
     params = mining_params(**kwargs)
     out = Path(out) if out else default_mining_dir(checkpoint, cache, subjects, **params)
     if (out / MINING_FILE).is_file():
@@ -264,7 +294,7 @@ def load_or_mine(
                     f"{want[key]!r}; delete the folder or choose another objective.mining_dir"
                 )
         return mined
-    return mine_pairs(cache, subjects, checkpoint, out, progress=progress, **params)
+    return mine_pairs(cache, subjects, checkpoint, out, progress=progress, device=device, **params)
 
 
 def pairs_for(
@@ -273,9 +303,11 @@ def pairs_for(
     subjects: list[str],
     seed: int,
     progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> MinedPairs | None:
     """Mine (or read back) the pairs an objective asked for (``None``: nothing to mine).
-    ``pretrain`` and ``anatomap mine`` both call this; the objective only consumes pairs."""
+    ``pretrain`` and ``anatomap mine`` both call this; the objective only consumes pairs.
+    ``device``: where the SAM checkpoint embeds and matches (see :func:`mine_pairs`)."""
     if request is None:
         return None
     return load_or_mine(
@@ -289,4 +321,5 @@ def pairs_for(
         seed=seed,
         window=request.window,
         progress=progress,
+        device=device,
     )

@@ -1,5 +1,6 @@
 """Points files in and out: CSV (RAS or LPS mm, or template voxel indices), 3D Slicer markups
-(``.mrk.json`` read and written, legacy ``.fcsv`` read).
+(``.mrk.json`` read and written, legacy ``.fcsv`` read); :class:`Matches`, the typed result of
+``anatomap.match``, and its files (CSV + JSON, markups, sphere label images).
 
 Inside anatomap every point is world RAS+ mm (the NIfTI convention). A CSV says nothing about
 its frame, so the caller states it (``coords="RAS"`` or ``"LPS"``); Slicer files carry their

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
 import random
+import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +21,19 @@ from torch.utils.data import DataLoader
 
 from anatomap.config import RunConfig
 from anatomap.data.cache import Cache
-from anatomap.data.sampler import EpochSampler, LocatedViewDataset, SharedRingCollate
+from anatomap.data.sampler import (
+    EpochSampler,
+    LocatedViewDataset,
+    SharedRingCollate,
+    augment_batch,
+)
 from anatomap.errors import AnatomapError
 from anatomap.infer.mining import pairs_for
 from anatomap.models.encoders import EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective
 from anatomap.train.resume import RESUME_FORMAT
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(AnatomapError):
@@ -120,6 +131,14 @@ class PretrainModule(L.LightningModule):
         params = cfg.objective_params  # validated once, by load_config
         self.objective = get_objective(cfg.objective.name)(params, self.encoder)
         self.rank_fingerprints: list[str] = []
+        if cfg.trainer.channels_last and cfg.model.spatial_dims == 3:
+            self.to(memory_format=torch.channels_last_3d)  # weights (the EMA copies too)
+            self.encoder.fusion.register_forward_pre_hook(_channels_last_input)
+        if cfg.trainer.compile:
+            # forward and pyramid() both run the backbone's pyramid: compile that; the module
+            # tree and its state_dict keys stay as they are (checkpoints load either way)
+            backbone = self.encoder.backbone
+            backbone.pyramid = torch.compile(backbone.pyramid)  # type: ignore[method-assign]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.objective(self.encoder, batch)
@@ -181,17 +200,36 @@ class PretrainModule(L.LightningModule):
         ]
 
 
+def _channels_last_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook of the encoder's input stage: 5-D input in channels-last-3d."""
+    x, *rest = args
+    if isinstance(x, torch.Tensor) and x.ndim == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return (x, *rest)
+
+
 class ViewDataModule(L.LightningDataModule):
-    """Training views from a cache (held-out subjects excluded)."""
+    """Training views from a cache (held-out subjects excluded).
+
+    The views' intensity augmentation (``spec.intensity``) is not applied by the dataset,
+    view by view, but after the batch reaches its device, to the whole batch at once
+    (:func:`~anatomap.data.sampler.augment_batch`, seeded by the samples' seeds).
+    ``data.num_workers: auto`` times the loader in the training process and with workers
+    (:func:`choose_workers`) when training starts."""
 
     def __init__(self, cfg: RunConfig, cache: Cache, subjects: list[str], spec: Any) -> None:
         super().__init__()
         self.cfg = cfg
+        self.intensity = spec.intensity
+        spec = replace(spec, intensity=None)
+        self.loader_choice: dict[str, Any] | None = None
         # An objective may ask for pairs mined before training (Alice: cross-volume views
         # found with a SAM checkpoint) and supply its own dataset around them.
         method = get_objective(cfg.objective.name)
         params = cfg.objective_params
-        pairs = pairs_for(method.mining_request(params), cache, subjects, cfg.trainer.seed)
+        pairs = pairs_for(
+            method.mining_request(params), cache, subjects, cfg.trainer.seed, cfg.trainer.progress
+        )
         own = method.train_dataset(
             params,
             cache,
@@ -217,8 +255,28 @@ class ViewDataModule(L.LightningDataModule):
             batch["seed"] = batch["seed"].tolist()
         return batch
 
-    def train_dataloader(self) -> DataLoader:
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "image" in batch:
+            batch = augment_batch(batch, self.intensity)
+        return batch
+
+    def num_workers(self) -> int:
+        """``data.num_workers``; ``auto``: measured once (:func:`choose_workers`), the
+        choice kept in ``loader_choice``."""
         workers = self.cfg.data.num_workers
+        if workers != "auto":
+            return int(workers)
+        if self.loader_choice is None:
+            accelerator = str(self.cfg.trainer.accelerator)
+            on_cpu = accelerator == "cpu" or (
+                accelerator == "auto" and not torch.cuda.is_available()
+            )
+            busy = torch.get_num_threads() if on_cpu else 1
+            self.loader_choice = choose_workers(self.dataset, self.cfg.trainer.batch_size, busy)
+        return int(self.loader_choice["num_workers"])
+
+    def train_dataloader(self) -> DataLoader:
+        workers = self.num_workers()
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return ResumableLoader(
@@ -234,6 +292,79 @@ class ViewDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             drop_last=len(self.dataset) >= self.cfg.trainer.batch_size,
         )
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_rate(dataset: Any, batch_size: int, workers: int, batches: int) -> float:
+    """Batches per second that a DataLoader with ``workers`` processes delivers from
+    ``dataset`` (its first indices: every sample is a pure function of its index), timed
+    after the first batch (worker start-up, first reads)."""
+    n = min(len(dataset), (batches + 1) * batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=range(n),
+        num_workers=workers,
+        collate_fn=SharedRingCollate(),
+        drop_last=n >= batch_size,
+    )
+    it = iter(loader)
+    next(it)
+    t0, got = time.perf_counter(), 0
+    for _ in it:
+        got += 1
+    rate = got / max(time.perf_counter() - t0, 1e-9)
+    del it, loader
+    return rate
+
+
+def choose_workers(
+    dataset: Any, batch_size: int, busy: int = 1, batches: int = 6
+) -> dict[str, Any]:
+    """``data.num_workers: auto``: time ``batches`` batches in this process and with
+    ``min(2, spare cores)`` worker processes and keep the faster (workers only when at least
+    10% faster). ``busy``: the cores the training step keeps busy (its torch threads when it
+    runs on the CPU, 1 beside a GPU); without a spare core the loader stays in the process,
+    as workers would take their CPU from the step (on 2 shared cores a worker cost SAM's
+    step 60%, ``benchmarks/train_speed.py``). Logged at INFO and returned (``run.json``:
+    ``loader``)."""
+    tried = max(0, min(2, usable_cpus() - busy))
+    own = loader_rate(dataset, batch_size, 0, batches)
+    choice: dict[str, Any] = {
+        "num_workers": 0,
+        "in_process_batches_per_s": round(own, 2),
+        "workers_tried": tried,
+        "workers_batches_per_s": None,
+        "cores": usable_cpus(),
+        "busy_cores": busy,
+    }
+    if tried > 0:
+        try:
+            rate = loader_rate(dataset, batch_size, tried, batches)
+        except (RuntimeError, OSError) as exc:  # no worker processes here: stay in process
+            choice["workers_error"] = " ".join(str(exc).split())[:200]
+        else:
+            choice["workers_batches_per_s"] = round(rate, 2)
+            if rate > 1.1 * own:
+                choice["num_workers"] = tried
+    log.info(
+        "data.num_workers=auto: %s (%.1f batches/s in the training process, %s with %d "
+        "worker processes; %d cores, %d busy with the training step)",
+        f"{choice['num_workers']} workers" if choice["num_workers"] else "in process",
+        own,
+        "n/a" if choice["workers_batches_per_s"] is None else f"{choice['workers_batches_per_s']}",
+        tried,
+        usable_cpus(),
+        busy,
+    )
+    return choice
 
 
 def steps_per_epoch(cfg: RunConfig, world_size: int = 1) -> int:

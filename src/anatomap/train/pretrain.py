@@ -8,8 +8,10 @@ A run folder holds ``config.yaml`` (resolved), ``logs/metrics.csv`` and TensorBo
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -82,6 +84,26 @@ class SafetensorsCheckpoint(Callback):
         )
 
 
+def reuse_freed_memory() -> None:
+    """Keep freed memory in this process (glibc ``mallopt``: no mmap'ed blocks, no trimming).
+
+    glibc hands large freed blocks back to the OS, so every CPU training step faults its
+    activations in again: 150-200 MB of page faults a step for the packaged ISImed and SAM
+    configs, about 10% of the step's CPU time (``benchmarks/train_speed.py``). The process
+    then keeps its peak heap, which the next step reuses. A no-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # another C library (musl): nothing to tune
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not mallopt(m_mmap_threshold, 1 << 30):
+        mallopt(m_mmap_threshold, 32 << 20)  # glibc's ceiling on older versions
+    mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
 @dataclass
 class PretrainResult:
     run_dir: Path
@@ -127,46 +149,10 @@ def _same_data(run: Path, cache: Cache) -> None:
         )
 
 
-@holds_lock(lambda cfg, **_: Path(cfg.output), "training run")  # one writer per run folder
-def pretrain(
-    cfg: RunConfig,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    config_dir: Path | None = None,
-) -> PretrainResult:
-    """Train ``cfg``; returns the run folder and the path of its checkpoint."""
-    run = Path(cfg.output)
-    last = run / "lightning" / "last.ckpt"
-    if resume and not last.is_file():
-        raise AnatomapError(f"{run}: nothing to resume (no lightning/last.ckpt)")
-    if resume:
-        load_resume_file(last)  # refuses anything but a resume file anatomap wrote, early
-    if not resume and (run / "checkpoint").exists() and not overwrite:
-        raise AnatomapError(
-            f"{run}: run folder already holds a checkpoint; pass --resume to continue it, "
-            "--overwrite to start again, or choose another output="
-        )
-    # every input is validated (cache, held-out file, model) before the run folder changes
-    cache = Cache(cfg.data.cache)
-    if resume:
-        _same_data(run, cache)
-    heldout = heldout_subjects(cfg, config_dir)
-    train = [s for s in cache.subjects if s not in set(heldout)]
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+def _trainer(cfg: RunConfig, run: Path, meta: dict[str, Any]) -> L.Trainer:
+    """The Lightning trainer of a run: loggers, checkpoints (resume file + safetensors)."""
     t = cfg.trainer
-    per_view, cross = cfg.data.modality_per_view, cfg.data.cross_modality
-    channels = 1 if per_view else len(cache.modalities)
-    module = PretrainModule(cfg, channels)
-    spec = replace(module.objective.view_spec(), modality_per_view=per_view, cross_modality=cross)
-    data = ViewDataModule(cfg, cache, train, spec)
-    meta = _meta(cfg, cache, train, heldout, heldout_file(cfg, config_dir))
-    meta["encoder"] = encoder_spec(cfg, channels).to_dict()
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", dump_config(cfg), what="config")
-    atomic_write_json(run / "run.json", meta)
-
-    trainer = L.Trainer(
+    return L.Trainer(
         default_root_dir=str(run),
         max_steps=t.max_steps,
         max_epochs=-1,
@@ -198,6 +184,51 @@ def pretrain(
         use_distributed_sampler=False,
         plugins=[SafeCheckpointIO()],
     )
+
+
+@holds_lock(lambda cfg, **_: Path(cfg.output), "training run")  # one writer per run folder
+def pretrain(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    config_dir: Path | None = None,
+) -> PretrainResult:
+    """Train ``cfg``; returns the run folder and the path of its checkpoint."""
+    run = Path(cfg.output)
+    last = run / "lightning" / "last.ckpt"
+    if resume and not last.is_file():
+        raise AnatomapError(f"{run}: nothing to resume (no lightning/last.ckpt)")
+    if resume:
+        load_resume_file(last)  # refuses anything but a resume file anatomap wrote, early
+    if not resume and (run / "checkpoint").exists() and not overwrite:
+        raise AnatomapError(
+            f"{run}: run folder already holds a checkpoint; pass --resume to continue it, "
+            "--overwrite to start again, or choose another output="
+        )
+    # every input is validated (cache, held-out file, model) before the run folder changes
+    cache = Cache(cfg.data.cache)
+    if resume:
+        _same_data(run, cache)
+    heldout = heldout_subjects(cfg, config_dir)
+    train = [s for s in cache.subjects if s not in set(heldout)]
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    per_view, cross = cfg.data.modality_per_view, cfg.data.cross_modality
+    channels = 1 if per_view else len(cache.modalities)
+    module = PretrainModule(cfg, channels)
+    spec = replace(module.objective.view_spec(), modality_per_view=per_view, cross_modality=cross)
+    data = ViewDataModule(cfg, cache, train, spec)
+    meta = _meta(cfg, cache, train, heldout, heldout_file(cfg, config_dir))
+    meta["encoder"] = encoder_spec(cfg, channels).to_dict()
+    data.num_workers()  # data.num_workers: auto is timed now, before the run folder changes
+    if data.loader_choice is not None:
+        meta["loader"] = data.loader_choice
+    reuse_freed_memory()
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "config.yaml", dump_config(cfg), what="config")
+    atomic_write_json(run / "run.json", meta)
+
+    trainer = _trainer(cfg, run, meta)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.is_global_zero:
         atomic_write_json(

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,8 +55,10 @@ class BenchData(_Strict):
     subjects: int = Field(default=16, ge=3)  # demo subjects
     demo_heldout: int = Field(default=4, ge=1)
     spacing: float = Field(default=2.0, gt=0)
-    modalities: list[str] = Field(default_factory=lambda: ["T1w"])  # demo contrasts to build
-    num_workers: int = Field(default=2, ge=0)
+    demo: Literal["synthetic", "template"] = "synthetic"  # which demo to build (no cache)
+    renders: int = Field(default=1, ge=1, le=8)  # synthetic demo: contrasts per subject
+    modalities: list[str] = Field(default_factory=lambda: ["T1w"])  # template demo contrasts
+    num_workers: int | Literal["auto"] = 2  # or "auto": the faster of in-process and workers
     samples_per_epoch: int = Field(default=200, gt=0)
 
 
@@ -274,6 +276,7 @@ def evaluate_method(
     res = evaluate(
         run,
         out=out,
+        progress=False,
         tasks=cfg.evaluate.tasks,
         all_tasks=True,
         registration=registration,
@@ -308,6 +311,8 @@ def run_benchmark(
             n_heldout=cfg.data.demo_heldout,
             spacing=cfg.data.spacing,
             modalities=tuple(cfg.data.modalities),
+            synthetic=cfg.data.demo == "synthetic",
+            renders=cfg.data.renders,
             progress=False,
             log=log,
             steps=3,
