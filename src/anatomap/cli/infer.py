@@ -32,11 +32,12 @@ def _warn_low(rows: list[dict], low_score: float) -> None:
     for r in rows:
         if not r["low_confidence"]:
             continue
-        why = (
-            f"P(within 5 mm) {r['p_within_5mm']:.2f} < 0.5"
-            if "p_within_5mm" in r
-            else f"score {r['score']:.2f} < {low_score}"
-        )
+        if r.get("consistent") is False:
+            why = "off the robust affine of the other matches by more than 10 mm"
+        elif "p_within_5mm" in r:
+            why = f"P(within 5 mm) {r['p_within_5mm']:.2f} < 0.5"
+        else:
+            why = f"score {r['score']:.2f} < {low_score}"
         print(
             f"low confidence: {r['name']} in {r['target']} ({why}): the target may not "
             "contain this anatomy",

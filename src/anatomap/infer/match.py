@@ -255,9 +255,9 @@ def _norm_map(t: _Target, block: int = 1 << 16) -> torch.Tensor:
 
 def prepare_target(emb: DenseEmbedding, device: str | torch.device = "cpu") -> _Target:
     """The per-target part of :func:`match_points`, cached on the embedding (for one device
-    at a time): the fine map as float32 rows (:func:`~anatomap.infer.device.float32_rows`), the Gram matrices of the
-    coarse cells (64 floats per coarse voxel) and the norm of the interpolated coarse map at
-    every fine voxel (one float per fine voxel)."""
+    at a time): the fine map as float32 rows (:func:`~anatomap.infer.device.float32_rows`),
+    the Gram matrices of the coarse cells (64 floats per coarse voxel) and the norm of the
+    interpolated coarse map at every fine voxel (one float per fine voxel)."""
     dev = resolve_device(device)
     if dev.type == "mps":  # the geometry is float64 arithmetic, which MPS lacks: the CPU
         dev = torch.device("cpu")
@@ -451,9 +451,10 @@ def match_points(
     match to the parabolic peak of the combined similarity between fine voxels, so matches do
     not snap to the fine grid (the score stays the voxel's; measured: lower error in every
     transfer condition, docs/benchmarks.md "match_outliers"). Off here (the voxel centre, as
-    the evaluation's matchers use); ``anatomap.match`` and ``anatomap match`` turn it on. ``device`` (:func:`~anatomap.infer.device.resolve_device`)
-    holds the target's state and does the work (``mps`` falls back to the CPU: the geometry
-    is float64); results come back as NumPy arrays."""
+    the evaluation's matchers use); ``anatomap.match`` and ``anatomap match`` turn it on.
+    ``device`` (:func:`~anatomap.infer.device.resolve_device`) holds the target's state and
+    does the work (``mps`` falls back to the CPU: the geometry is float64); results come
+    back as NumPy arrays."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size {chunk_size}: must be at least 1")
     pts = np.asarray(points_mm, np.float64).reshape(-1, 3)

@@ -161,6 +161,7 @@ def run_demo(
         spacing=spacing,
         progress=progress,
         log=log,
+        steps=6 if matching else 5,
         modalities=tuple(modalities),
     )
     run_dir = out / "runs" / ("isimed" if config == "demo" else Path(config).stem)
