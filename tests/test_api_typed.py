@@ -301,3 +301,33 @@ def test_help_reads_like_a_monai_docstring() -> None:
         assert all(f"\n    {s}" in doc for s in ("Args:", "Returns:", "Raises:", "Example::"))
         for name in ("window", "overlap", "batch_size", "device", "precision", "progress"):
             assert name in doc
+
+
+class OneChannelModel(PoolModel):
+    """Trained one modality per view on a two-modality cache: meta lists two modalities,
+    the encoder takes one channel (and refuses two, as a real conv would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Identity()
+        self.encoder.in_channels = 1  # type: ignore[assignment]
+
+    @property
+    def meta(self) -> dict:
+        return {"data": {"modalities": ["synth", "synth2"]}}
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert x.shape[1] == 1, f"fed {x.shape[1]} channels"
+        return super().__call__(x)
+
+
+def test_a_one_channel_model_of_a_two_modality_cache_embeds_in_memory_scans(
+    tmp_path: Path,
+) -> None:
+    arr = np.random.default_rng(1).random((16, 16, 24), np.float32)
+    path = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(arr, B), str(path))
+    model = OneChannelModel()
+    by_path = anatomap.embed(model, path, window=16, device="cpu")
+    by_array = anatomap.embed(model, (arr, B), window=16, device="cpu")
+    assert torch.equal(by_array.fine, by_path.fine)

@@ -39,6 +39,7 @@ from anatomap.infer.embed import (
     check_options,
     embed_array,
     embedding_names,
+    input_channels,
     load_or_embed,
     preprocess_for,
     resolve_device,
@@ -168,7 +169,7 @@ def _embedding(
     modalities = model.meta.get("data", {}).get("modalities") or ["image"]
     vol = _volume(scan, _label(scan, n), modality or modalities[0])
     pre = preprocess_for(model, vol)
-    image = np.zeros((len(modalities), *pre.shape), np.float32)
+    image = np.zeros((input_channels(model), *pre.shape), np.float32)
     image[0] = pre.array  # one scan -> the first modality; the others stay zeros
     emb = embed_array(model, image, pre.affine, **options)
     emb.source = str(scan.get_filename() or "") if hasattr(scan, "get_filename") else ""
