@@ -134,6 +134,8 @@ class PretrainModule(L.LightningModule):
         if cfg.trainer.channels_last and cfg.model.spatial_dims == 3:
             self.to(memory_format=torch.channels_last_3d)  # weights (the EMA copies too)
             self.encoder.fusion.register_forward_pre_hook(_channels_last_input)
+        if "bf16" in cfg.trainer.precision or cfg.trainer.precision == "auto":
+            guard_small_bf16_convs(self)
         if cfg.trainer.compile:
             # forward and pyramid() both run the backbone's pyramid: compile that; the module
             # tree and its state_dict keys stay as they are (checkpoints load either way)
@@ -206,6 +208,48 @@ def _channels_last_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tupl
     if isinstance(x, torch.Tensor) and x.ndim == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     return (x, *rest)
+
+
+def _small_conv_in_fp32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook: a convolution of a CPU map with a side of at most 2 voxels runs in
+    float32 under bf16 autocast (see :func:`guard_small_bf16_convs`)."""
+    x = args[0]
+    if (
+        isinstance(x, torch.Tensor)
+        and x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and min(x.shape[2:]) <= 2
+    ):
+        module._anatomap_autocast_off = True  # type: ignore[assignment]
+        torch.set_autocast_enabled("cpu", False)
+        return (x.float(), *args[1:])
+    return None
+
+
+def _small_conv_restore(module: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    if getattr(module, "_anatomap_autocast_off", False):
+        module._anatomap_autocast_off = False  # type: ignore[assignment]
+        torch.set_autocast_enabled("cpu", True)
+
+
+def guard_small_bf16_convs(module: torch.nn.Module) -> int:
+    """Run every convolution of ``module`` whose input has a side <= 2 voxels in float32 when
+    bf16 autocast is on for the CPU; returns how many convolutions were guarded.
+
+    torch 2.13's oneDNN bf16 convolution on the CPU returns a weight gradient with NaNs, at
+    random, for such maps (e.g. a 3x3x3 convolution of a ``[4, 32, 2, 4, 4]`` map: NaN in about
+    one backward pass in three; forward, float32 and maps of side >= 3 measured clean). Deep
+    stages of small crops reach 2 voxels (a 32^3 ISImed crop after four stride-2 stages), so
+    bf16-mixed training on the CPU stopped with a non-finite loss. Such maps cost nothing in
+    float32; on other devices the hooks do nothing.
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            m.register_forward_pre_hook(_small_conv_in_fp32)
+            m.register_forward_hook(_small_conv_restore)
+            n += 1
+    return n
 
 
 class ViewDataModule(L.LightningDataModule):
