@@ -19,6 +19,7 @@ from anatomap.infer.export import (
     load_export,
     read_export_info,
     transfer,
+    transfer_into,
 )
 from anatomap.models.encoders import Encoder, EncoderSpec, build_encoder
 from anatomap.objectives.registry import get_objective, objective_config
@@ -157,11 +158,16 @@ def test_export_refuses_encoders_without_a_counterpart(
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_an_encoder_weight_with_no_place_stops_the_export() -> None:
+def test_an_encoder_weight_with_no_place_is_reported_or_stops_a_strict_export() -> None:
     enc = build_encoder(EncoderSpec("small_cnn", 3, 1, 8, {"channels": [8, 16]}))
     enc.modality_scale = torch.nn.Parameter(torch.ones(1))  # a weight UNet has no place for
+    report = transfer(enc, "monai-unet").report
+    assert report.not_transferred == {
+        "modality_scale": "no counterpart: not part of the encoder's stages"
+    }
+    assert len(report.key_map) == len(enc.state_dict()) - 3  # all but it and proj.*
     with pytest.raises(ExportError, match="modality_scale"):
-        transfer(enc, "monai-unet")
+        transfer(enc, "monai-unet", strict=True)
 
 
 def test_modality_fusion_stems_go_to_torchscript_only(tmp_path: Path) -> None:
@@ -223,3 +229,193 @@ def test_finetune_example_runs_with_plain_monai(
     tuned = load_file(str(tmp_path / "tuned.safetensors"))
     key = read_export_info(export)["key_map"]["backbone.stages.0.conv.unit0.conv.weight"]
     assert not torch.equal(tuned[f"net.{key}"], before[key])  # the pretrained layers trained
+
+
+# --------------------------------------------------------------------------------------------
+# The UNet the user asks for: what matches is transferred, and every tensor is accounted for
+# --------------------------------------------------------------------------------------------
+
+NORM_KEYS = [f"backbone.stages.{i}.conv.unit{u}.adn.N.{w}" for i in range(3) for u in (0, 1)
+             for w in ("weight", "bias")]  # fmt: skip
+
+
+def _assert_accounted(info: dict, exported: dict, encoder: Encoder) -> None:
+    """Each network tensor pretrained xor initialised; each encoder tensor in one list;
+    the pretrained ones bit-identical to the encoder's; the counts agree."""
+    pre, init = set(info["pretrained_keys"]), set(info["initialised_keys"])
+    assert pre | init == set(exported) and not pre & init
+    assert len(info["pretrained_keys"]) + len(info["initialised_keys"]) == len(exported)
+    enc_state = encoder.state_dict()
+    lists = [set(info["key_map"]), set(info["not_transferred"]), set(info["not_exported"])]
+    assert set.union(*lists) == set(enc_state) and sum(map(len, lists)) == len(enc_state)
+    assert set(info["key_map"].values()) == pre
+    for src, dst in info["key_map"].items():
+        assert torch.equal(exported[dst], enc_state[src]), (src, dst)
+    assert info["counts"] == {
+        "network_tensors": len(exported),
+        "pretrained": len(pre),
+        "initialised": len(init),
+        "encoder_tensors": len(enc_state),
+        "transferred": len(info["key_map"]),
+        "not_transferred": len(info["not_transferred"]),
+        "not_exported": 2,
+    }
+
+
+def test_tutorial_unet_instance_norm_three_outputs(cnn_ckpt: Path, tmp_path: Path) -> None:
+    from monai.networks.nets import UNet
+
+    out = tmp_path / "inst.safetensors"
+    res = export_checkpoint(cnn_ckpt, "monai-unet", out, norm="instance", out_channels=3)
+    info, exported = read_export_info(out), load_file(str(out))
+    encoder = load_checkpoint(cnn_ckpt).encoder
+    _assert_accounted(info, exported, encoder)
+    assert info["kwargs"]["norm"] == "instance" and info["kwargs"]["out_channels"] == 3
+    # Convolutions (and PReLU slopes) land bit-identical; GroupNorm's affine has no place.
+    assert res.matched == 24 and len(info["pretrained_keys"]) == 24
+    assert "model.0.conv.unit0.conv.weight" in info["pretrained_keys"]
+    assert sorted(info["not_transferred"]) == sorted(NORM_KEYS)
+    assert set(info["not_transferred"].values()) == {
+        "no counterpart: the UNet's InstanceNorm3d has no affine weights; an affine instance "
+        "norm has them"
+    }
+    assert res.report is not None and res.report.not_transferred == info["not_transferred"]
+    # The other tensors are the seeded fresh initialisation (seed 0).
+    torch.manual_seed(0)
+    fresh = UNet(**info["kwargs"]).state_dict()
+    for key in info["initialised_keys"]:
+        assert torch.equal(exported[key], fresh[key]), key
+    assert not torch.equal(
+        exported["model.0.conv.unit0.conv.weight"], fresh["model.0.conv.unit0.conv.weight"]
+    )
+    with torch.no_grad():
+        assert load_export(out).eval()(_x(2, 16)).shape == (1, 3, 16, 16, 16)
+
+
+def test_batch_norm_unet_takes_the_norm_weights(cnn_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bn.safetensors"
+    export_checkpoint(cnn_ckpt, "monai-unet", out, norm="batch", out_channels=2)
+    info, exported = read_export_info(out), load_file(str(out))
+    _assert_accounted(info, exported, load_checkpoint(cnn_ckpt).encoder)
+    assert info["not_transferred"] == {} and len(info["key_map"]) == 36
+    assert "model.0.conv.unit0.adn.N.weight" in info["pretrained_keys"]
+    assert "model.0.conv.unit0.adn.N.running_var" in info["initialised_keys"]
+    assert info["notes"] == [
+        "norm weights copied from the encoder's GroupNorm(4) into the UNet's BatchNorm3d: the "
+        "same per-channel scale and shift, another normalisation"
+    ]
+
+
+def test_other_channels_transfer_in_part_and_strict_refuses(cnn_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "wide.safetensors"
+    opts = {"norm": "batch", "channels": [8, 16, 32, 64]}  # stage 2 is 16->16, the UNet 16->32
+    res = export_checkpoint(cnn_ckpt, "monai-unet", out, **opts)
+    info, exported = read_export_info(out), load_file(str(out))
+    _assert_accounted(info, exported, load_checkpoint(cnn_ckpt).encoder)
+    assert {k.split(".")[2] for k in info["key_map"]} == {"0", "1"}
+    missed = info["not_transferred"]
+    assert len(missed) == 12 and all(k.startswith("backbone.stages.2.") for k in missed)
+    key = "backbone.stages.2.conv.unit1.conv.weight"
+    assert missed[key] == "shape differs: encoder [16, 16, 3, 3, 3], UNet [32, 32, 3, 3, 3]"
+    prelu = "backbone.stages.2.conv.unit0.adn.A.weight"  # same shape, but its conv did not fit
+    assert missed[prelu].startswith("goes with backbone.stages.2.conv.unit0.conv.weight")
+    assert res.report is not None
+    assert res.report.summary_lines()[1] == (
+        "12 encoder tensors not transferred: down layer 2: all the encoder's weights (shape "
+        "differs: the UNet's down layers are 2->8->16->32, the encoder's stages 2->8->16->16)"
+    )
+    with pytest.raises(ExportError) as err:
+        export_checkpoint(cnn_ckpt, "monai-unet", tmp_path / "s.safetensors", strict=True, **opts)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("strict: 12 of 36 encoder tensors do not fit this UNet")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_nothing_transferred_is_an_error(cnn_ckpt: Path, tmp_path: Path) -> None:
+    enc = load_checkpoint(cnn_ckpt).encoder
+    with pytest.raises(ExportError, match=r"^no encoder tensor fits this UNet: down layers 0-2"):
+        transfer(enc, "monai-unet", norm="batch", channels=[16, 32, 64, 128])
+    with pytest.raises(ExportError, match="num_res_units=0 makes the UNet's down layers single"):
+        transfer(enc, "monai-unet", num_res_units=0)
+    with pytest.raises(ExportError, match="norm 'layer': choose group, group:G, instance"):
+        transfer(enc, "monai-unet", norm="layer")
+    with pytest.raises(
+        ExportError, match=r"channels=\[8, 16, 16, 32\] \(the encoder's .*\): GroupNorm\(3\) needs"
+    ):
+        transfer(enc, "monai-unet", norm="group:3", out_channels=3)
+    with pytest.raises(ExportError, match="norm: options of --to monai-unet only"):
+        export_checkpoint(cnn_ckpt, "torchscript", tmp_path / "x.pt", norm="batch")
+
+
+def test_transfer_into_the_spleen_tutorial_unet(cnn_ckpt: Path) -> None:
+    from monai.networks.layers import Norm
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(5)
+    encoder = build_encoder(EncoderSpec("small_cnn", 3, 1, 16, {}))  # 16, 32, 64, 128
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
+               strides=(2, 2, 2, 2), num_res_units=2, norm=Norm.BATCH)  # fmt: skip
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = transfer_into(net, encoder)
+    after, enc_state = net.state_dict(), encoder.state_dict()
+    assert report.matched == 48 and report.not_transferred == {} and report.seed is None
+    assert set(report.pretrained_keys) | set(report.initialised_keys) == set(after)
+    assert len(report.pretrained_keys) + len(report.initialised_keys) == len(after) == 148
+    for src, dst in report.key_map.items():
+        assert torch.equal(after[dst], enc_state[src]), (src, dst)
+    for key in report.initialised_keys:  # left as the user built them
+        assert torch.equal(after[key], before[key]), key
+    assert str(report).startswith(
+        "UNet: 48 of 148 network tensors pretrained (down layers 0-3: all the encoder's "
+        "weights), 100 initialised (as built)"
+    )
+    # From a checkpoint path: a two-channel encoder into a one-channel UNet fits in part.
+    other = UNet(3, 1, 4, (8, 16, 16, 32), (2, 2, 2), num_res_units=2)
+    part = transfer_into(other, cnn_ckpt)
+    assert "backbone.stages.0.conv.unit0.conv.weight" in part.not_transferred
+    assert "backbone.stages.0.conv.unit1.conv.weight" in part.key_map  # 8 -> 8 fits
+    with pytest.raises(ExportError, match=r"go into monai\.networks\.nets\.UNet"):
+        transfer_into(torch.nn.Linear(2, 2), encoder)
+
+
+def test_cli_prints_the_transfer_summary(cnn_ckpt: Path, tmp_path: Path, capsys) -> None:
+    from monai.networks.nets import UNet
+
+    out = tmp_path / "tut.safetensors"
+    argv = ["export", str(cnn_ckpt), "--to", "monai-unet", "--out", str(out),
+            "--norm", "instance", "--out-channels", "3", "--channels", "8,16,16,32"]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n = len(UNet(**read_export_info(out)["kwargs"]).state_dict())
+    assert lines[1:3] == [
+        f"24 of {n} network tensors pretrained (down layers 0-2: convolutions, residual "
+        f"convolutions and PReLU weights), {n - 24} initialised (fresh, seed 0)",
+        "12 encoder tensors not transferred: down layers 0-2: norm weights (no counterpart: the "
+        "UNet's InstanceNorm3d has no affine weights; an affine instance norm has them)",
+    ]
+    assert lines[3].startswith("not exported: proj.weight, proj.bias: ")
+    assert main([*argv, "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anatomap: error: strict: 12 of 36") and "\n" not in err
+
+
+def test_load_export_round_trip_of_a_custom_unet(cnn_ckpt: Path, tmp_path: Path) -> None:
+    from monai.networks.nets import UNet
+
+    out = tmp_path / "custom.safetensors"
+    export_checkpoint(cnn_ckpt, "monai-unet", out, norm="instance:affine", out_channels=3,
+                      channels=[8, 16, 16, 32], strides=[2, 2, 1], dropout=0.1)  # fmt: skip
+    info = read_export_info(out)
+    assert info["kwargs"]["norm"] == ["instance", {"affine": True}]
+    assert info["input"]["size_multiple"] == 4  # 2 * 2 * 1
+    # Stride 1 gives the last down layer a 1x1 residual convolution: not transferred.
+    assert sorted(info["not_transferred"]) == [
+        "backbone.stages.2.residual.bias", "backbone.stages.2.residual.weight"]  # fmt: skip
+    assert "backbone.stages.0.conv.unit0.adn.N.weight" in info["key_map"]  # affine: it fits
+    net = load_export(out)
+    assert isinstance(net, UNet) and list(net.strides) == [2, 2, 1]
+    exported = load_file(str(out))
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, exported[key]), key
+    with torch.no_grad():
+        assert net.eval()(_x(2, 12)).shape == (1, 3, 12, 12, 12)

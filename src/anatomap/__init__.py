@@ -44,6 +44,7 @@ _LAZY = {
     "EncoderSpec": "anatomap.models.encoders",
     "load_checkpoint": "anatomap.checkpoint",
     "build_demo": "anatomap.data.demo",
+    "transfer_into": "anatomap.infer.export",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

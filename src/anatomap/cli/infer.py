@@ -94,15 +94,35 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from anatomap.infer.export import export_checkpoint
+    from anatomap.infer.export import UNET_OPTIONS, export_checkpoint
 
+    unet = {k: getattr(args, k) for k in UNET_OPTIONS if getattr(args, k) is not None}
     res = export_checkpoint(
-        args.checkpoint, args.to, args.out, out_channels=args.out_channels, size=args.size
+        args.checkpoint,
+        args.to,
+        args.out,
+        out_channels=args.out_channels,
+        size=args.size,
+        strict=args.strict,
+        **unet,
     )
-    print(f"{res.target}: {res.matched} encoder tensors -> {res.path} (settings: {res.sidecar})")
-    for key, why in res.not_exported.items():
-        print(f"not exported: {key}: {why}")
+    if res.report is None:
+        print(
+            f"{res.target}: {res.matched} encoder tensors -> {res.path} (settings: {res.sidecar})"
+        )
+        return OK
+    print(f"{res.target}: {res.path} (settings and every tensor's fate: {res.sidecar})")
+    for line in res.report.summary_lines():
+        print(line)
     return OK
+
+
+def _int_list(text: str) -> list[int]:
+    """``16,32,64`` -> ``[16, 32, 64]``."""
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected integers, e.g. 16,32,64") from None
 
 
 _CHECKPOINT_HELP = "dense checkpoint: run folder, checkpoint folder, meta.json or shipped name"
@@ -193,7 +213,9 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser(
         "export", help="a checkpoint's encoder as a MONAI UNet/SwinUNETR or TorchScript file"
     )
-    p.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    p.add_argument(
+        "checkpoint", type=Path, help="run folder, checkpoint folder or shipped model name"
+    )
     p.add_argument(
         "--to",
         required=True,
@@ -206,8 +228,39 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--out-channels",
         type=int,
-        help="network output channels (monai-unet: a multiple of num_groups, default "
-        "num_groups; swinunetr: default 2)",
+        metavar="N",
+        help="network output channels (monai-unet: default the group count with group norm, "
+        "of which it must be a multiple, else 2; swinunetr: default 2)",
+    )
+    u = p.add_argument_group(
+        "monai-unet: the UNet to build (default: the one that fits the encoder exactly)"
+    )
+    u.add_argument(
+        "--norm",
+        metavar="NORM",
+        help="group (the encoder's group count), group:G, instance, instance:affine or batch "
+        "(default: the encoder's GroupNorm)",
+    )
+    u.add_argument(
+        "--channels",
+        type=_int_list,
+        metavar="C,C,...",
+        help="every layer's channels, the bottom layer last, e.g. 16,32,64,128,256 (default: "
+        "the encoder's stages and twice the deepest)",
+    )
+    u.add_argument(
+        "--strides",
+        type=_int_list,
+        metavar="S,S,...",
+        help="one stride per down layer (default: all 2)",
+    )
+    u.add_argument("--num-res-units", type=int, metavar="N", help="subunits per layer (default: 2)")
+    u.add_argument("--act", metavar="NAME", help="MONAI activation name (default: prelu)")
+    u.add_argument("--dropout", type=float, metavar="P", help="dropout (default: 0)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail unless every encoder tensor (but the pooled projection) is transferred",
     )
     p.add_argument("--size", type=int, help="torchscript: edge of the tracing input (voxels)")
     add_quiet(p, "accepted for uniformity (export prints no progress)")

@@ -3,31 +3,42 @@
 Targets:
 
 - ``monai-unet``: :class:`monai.networks.nets.UNet` for ``small_cnn`` encoders. Their stages
-  are the down path of MONAI's UNet (``ResidualUnit``, stride 2, ``subunits=2``, GroupNorm),
-  so each stage's weights go into the matching down layer; the bottom layer and the decoder
-  keep a seeded fresh initialisation.
+  are the down path of MONAI's UNet (``ResidualUnit``, stride 2, ``subunits=2``, GroupNorm,
+  PReLU), so stage *i* goes into down layer *i*. By default the UNet is the one that fits the
+  encoder exactly and every encoder tensor lands; another UNet may be asked for (norm,
+  channels, strides, ``num_res_units``, output channels, activation, dropout), and then what
+  matches is copied.
 - ``swinunetr``: :class:`monai.networks.nets.SwinUNETR` for ``swinunetr`` encoders (the
   encoder *is* ``SwinUNETR.swinViT``); the convolutional encoder blocks and the decoder are
   fresh.
 - ``torchscript``: the whole encoder traced to TorchScript, ``forward(x) -> (features,
   pooled)``, usable without anatomap.
 
-The MONAI targets write the network's full ``state_dict`` as safetensors (pretrained encoder
-weights in place, the rest freshly initialised), and a JSON sidecar (``FILE`` with suffix
-``.json``) with the network class, its constructor arguments, the key map and the input the
-encoder expects (modalities, spacing, intensity presets). Every encoder weight must land in
-the network: a key with no counterpart, or of another shape, stops the export. The only
-weights left out on purpose are the pooled-embedding projection ``proj.*``, which a
-segmentation network does not have (listed under ``not_exported``).
+One matching rule serves the exports (:func:`transfer`) and networks built by the user
+(:func:`transfer_into`): each encoder tensor has a structural counterpart (stage *i* -> down
+layer *i*, same sub-key); it is copied when that key exists with the same shape, and is
+otherwise reported with the reason. Every network tensor is either pretrained or keeps its
+initialisation (seeded, for exports). Nothing fitting is an error; ``strict=True`` also
+refuses any encoder tensor that does not fit. The pooled-embedding projection ``proj.*`` has
+no counterpart by design (``not_exported``).
+
+The MONAI targets write the network's full ``state_dict`` as safetensors, and a JSON sidecar
+(``FILE`` with suffix ``.json``) with the network class, its constructor arguments, the
+transfer report (pretrained / initialised keys, what was not transferred and why) and the
+input the encoder expects (modalities, spacing, intensity presets).
+
+Modules: ``export_networks`` (the network asked for), ``export_map`` (where each encoder
+tensor goes, and the copy), ``export_report`` (:class:`TransferReport`).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +47,61 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anatomap.checkpoint import load_checkpoint
-from anatomap.errors import AnatomapError
+from anatomap.infer.export_map import place, plan_for
+from anatomap.infer.export_networks import (
+    NETWORKS,
+    UNET_OPTIONS,
+    build,
+    swinunetr_kwargs,
+    unet_kwargs,
+    unet_norm,
+)
+from anatomap.infer.export_report import ExportError, TransferReport
 from anatomap.io.atomic import atomic_path, atomic_write_json
 from anatomap.models.encoders import Encoder
+
+__all__ = [
+    "FORMAT",
+    "TARGETS",
+    "UNET_OPTIONS",
+    "ExportError",
+    "ExportResult",
+    "Transfer",
+    "TransferReport",
+    "export_checkpoint",
+    "load_export",
+    "read_export_info",
+    "swinunetr_kwargs",
+    "swinunetr_transfer",
+    "to_torchscript",
+    "transfer",
+    "transfer_into",
+    "unet_kwargs",
+    "unet_norm",
+    "unet_transfer",
+]
 
 FORMAT = "anatomap-export"
 FORMAT_VERSION = 1
 TARGETS = ("monai-unet", "swinunetr", "torchscript")
 
-_PROJ_REASON = "pooled-embedding projection (Encoder.proj): no counterpart in the network"
-
-
-class ExportError(AnatomapError):
-    """The checkpoint cannot be exported to the asked target."""
-
 
 @dataclass
 class Transfer:
-    """A MONAI network with the encoder's weights placed in it."""
+    """A MONAI network built for the encoder, with what matches of its weights placed in it."""
 
     network: nn.Module
-    network_class: str  # dotted name under monai.networks.nets
+    network_class: str  # class name under monai.networks.nets
     kwargs: dict[str, Any]
-    key_map: dict[str, str]  # encoder state_dict key -> network state_dict key
-    not_exported: dict[str, str] = field(default_factory=dict)  # encoder key -> reason
+    report: TransferReport
+
+    @property
+    def key_map(self) -> dict[str, str]:
+        return self.report.key_map
+
+    @property
+    def not_exported(self) -> dict[str, str]:
+        return self.report.not_exported
 
 
 @dataclass
@@ -69,205 +111,76 @@ class ExportResult:
     target: str
     matched: int  # encoder tensors placed in the exported network / module
     not_exported: dict[str, str]
+    report: TransferReport | None = None  # MONAI targets: pretrained / initialised / why not
 
 
 # --------------------------------------------------------------------------------------------
-# Encoder -> MONAI network maps
+# Transfers
 # --------------------------------------------------------------------------------------------
 
 
-def _unet_down_prefixes(n: int) -> list[str]:
-    """State-dict prefixes of the first ``n`` down layers of a MONAI ``UNet``: its model is
-    ``Sequential(down, SkipConnection(Sequential(down, SkipConnection(...), up)), up)``."""
-    out, prefix = [], "model"
-    for _ in range(n):
-        out.append(f"{prefix}.0")
-        prefix = f"{prefix}.1.submodule"
-    return out
-
-
-def unet_transfer(
-    encoder: Encoder, out_channels: int | None = None, bottom_channels: int | None = None
+def transfer(
+    encoder: Encoder, target: str, seed: int = 0, strict: bool = False, **kwargs: Any
 ) -> Transfer:
-    """MONAI ``UNet`` whose down path is the ``small_cnn`` encoder's stages.
-
-    The UNet has one down layer per stage (stride 2, two subunits, the same GroupNorm) and a
-    stride-1 bottom layer of ``bottom_channels`` (default: twice the deepest stage). MONAI's
-    UNet normalises its output layer too, so ``out_channels`` must be a multiple of the
-    GroupNorm group count (default: that count; add a 1x1 convolution for other class
-    counts, see docs/export.md).
-    """
-    from monai.networks.nets import UNet
-
-    spec = encoder.spec
-    if spec.name != "small_cnn":
-        raise ExportError(
-            f"encoder '{spec.name}' has no MONAI UNet counterpart (monai-unet takes small_cnn "
-            "encoders, swinunetr takes swinunetr encoders); export it with --to torchscript"
-        )
-    opts = {"channels": [16, 32, 64, 128], "num_groups": 8, **spec.options}
-    channels = [int(c) for c in opts["channels"]]
-    groups = int(opts["num_groups"])
-    if any(c < groups or c % groups for c in channels):
-        raise ExportError(
-            f"small_cnn channels {channels} with num_groups {groups}: MONAI's UNet uses one "
-            "GroupNorm group count for every layer, so each stage's channels must be a "
-            f"multiple of {groups}"
-        )
-    out_channels = groups if out_channels is None else int(out_channels)
-    bottom = 2 * channels[-1] if bottom_channels is None else int(bottom_channels)
-    for what, c in (("out_channels", out_channels), ("bottom_channels", bottom)):
-        if c < 1 or c % groups:
-            raise ExportError(
-                f"{what}={c}: MONAI's UNet applies GroupNorm({groups}) to this layer too, so "
-                f"it must be a multiple of {groups}; export with --out-channels {groups} and "
-                "put a 1x1 convolution to your classes on top (docs/export.md)"
-            )
-    kwargs: dict[str, Any] = {
-        "spatial_dims": spec.spatial_dims,
-        "in_channels": spec.in_channels,
-        "out_channels": out_channels,
-        "channels": [*channels, bottom],
-        "strides": [2] * len(channels),
-        "kernel_size": 3,
-        "up_kernel_size": 3,
-        "num_res_units": 2,
-        "act": "prelu",
-        "norm": ["group", {"num_groups": groups}],
-        "dropout": 0.0,
-        "bias": True,
-        "adn_ordering": "NDA",
-    }
-    net = UNet(**kwargs)
-    key_map: dict[str, str] = {}
-    not_exported: dict[str, str] = {}
-    prefixes = _unet_down_prefixes(len(channels))
-    for key in encoder.state_dict():
-        parts = key.split(".")
-        if parts[:2] == ["backbone", "stages"] and parts[2].isdigit():
-            key_map[key] = f"{prefixes[int(parts[2])]}.{'.'.join(parts[3:])}"
-        elif parts[0] == "proj":
-            not_exported[key] = _PROJ_REASON
-        else:
-            key_map[key] = f"<no UNet counterpart for {key}>"
-    return Transfer(net, "UNet", kwargs, key_map, not_exported)
-
-
-# SwinTransformer options of the encoder -> SwinUNETR constructor arguments.
-_SWIN_PASSTHROUGH = {
-    "mlp_ratio": "mlp_ratio",
-    "qkv_bias": "qkv_bias",
-    "drop_rate": "drop_rate",
-    "attn_drop_rate": "attn_drop_rate",
-    "drop_path_rate": "dropout_path_rate",
-    "patch_norm": "patch_norm",
-    "use_checkpoint": "use_checkpoint",
-    "downsample": "downsample",
-    "use_v2": "use_v2",
-}
-
-
-def swinunetr_transfer(encoder: Encoder, out_channels: int | None = None) -> Transfer:
-    """MONAI ``SwinUNETR`` whose ``swinViT`` is the ``swinunetr`` encoder's Swin transformer."""
-    from monai.networks.nets import SwinUNETR
-
-    spec = encoder.spec
-    if spec.name != "swinunetr":
-        raise ExportError(
-            f"encoder '{spec.name}' has no SwinUNETR counterpart (swinunetr takes swinunetr "
-            "encoders, monai-unet takes small_cnn encoders); export it with --to torchscript"
-        )
-    opts = {
-        "feature_size": 24,
-        "depths": (2, 2, 2, 2),
-        "num_heads": (3, 6, 12, 24),
-        "window_size": 7,
-        **spec.options,
-    }
-    for generic in _GENERIC_OPTIONS:  # handled by build_encoder, checked in transfer()
-        opts.pop(generic, None)
-    fs = int(opts.pop("feature_size"))
-    if fs % 12:
-        raise ExportError(f"feature_size {fs}: MONAI's SwinUNETR needs a multiple of 12")
-    kwargs: dict[str, Any] = {
-        "in_channels": spec.in_channels,
-        "out_channels": 2 if out_channels is None else int(out_channels),
-        "feature_size": fs,
-        "depths": [int(d) for d in opts.pop("depths")],
-        "num_heads": [int(h) for h in opts.pop("num_heads")],
-        "window_size": int(opts.pop("window_size")),
-        "spatial_dims": spec.spatial_dims,
-        "normalize": True,
-    }
-    unknown = sorted(k for k in opts if k not in _SWIN_PASSTHROUGH)
-    if unknown:
-        raise ExportError(f"swinunetr encoder options {unknown} have no SwinUNETR counterpart")
-    kwargs.update({_SWIN_PASSTHROUGH[k]: v for k, v in opts.items()})
-    net = SwinUNETR(**kwargs)
-    key_map: dict[str, str] = {}
-    not_exported: dict[str, str] = {}
-    for key in encoder.state_dict():
-        if key.startswith("backbone.net."):
-            key_map[key] = "swinViT." + key.removeprefix("backbone.net.")
-        elif key.startswith("proj."):
-            not_exported[key] = _PROJ_REASON
-        else:
-            key_map[key] = f"<no SwinUNETR counterpart for {key}>"
-    return Transfer(net, "SwinUNETR", kwargs, key_map, not_exported)
-
-
-# Options every encoder takes (models/encoders.py:build_encoder), not the backbone's own.
-_GENERIC_OPTIONS = ("modality_fusion", "stem_channels")
-
-_TRANSFERS: dict[str, Callable[..., Transfer]] = {
-    "monai-unet": unet_transfer,
-    "swinunetr": swinunetr_transfer,
-}
-
-
-def transfer(encoder: Encoder, target: str, seed: int = 0, **kwargs: Any) -> Transfer:
-    """Build the ``target`` network (seeded) and copy the encoder's weights into it.
-
-    Raises :class:`ExportError` unless every encoder tensor (but ``proj.*``) lands on a
-    network tensor of the same shape.
-    """
-    if target not in _TRANSFERS:
-        raise ExportError(f"unknown MONAI target '{target}'; choose from {sorted(_TRANSFERS)}")
-    fusion = encoder.spec.options.get("modality_fusion", "stack")
-    if fusion != "stack":
-        raise ExportError(
-            f"encoder '{encoder.spec.name}' with modality_fusion={fusion}: its per-modality "
-            "stems have no counterpart in a MONAI network; export it with --to torchscript"
-        )
+    """Build the ``target`` network (``kwargs``: :func:`unet_kwargs` /
+    :func:`swinunetr_kwargs`; fresh layers seeded) and copy what matches of the encoder's
+    weights into it (see the module docstring; ``strict``: everything must)."""
+    if target not in NETWORKS:
+        raise ExportError(f"unknown MONAI target '{target}'; choose from {sorted(NETWORKS)}")
+    cls_name, make_kwargs = NETWORKS[target]
+    net_kwargs = make_kwargs(encoder, **kwargs)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        tr = _TRANSFERS[target](encoder, **kwargs)
+        net = build(cls_name, net_kwargs)
     finally:
         torch.random.set_rng_state(state)
-    net_state = tr.network.state_dict()
-    enc_state = encoder.state_dict()
-    problems = []
-    for src, dst in tr.key_map.items():
-        if dst not in net_state:
-            problems.append(f"{src} -> {dst} (no such network key)")
-        elif net_state[dst].shape != enc_state[src].shape:
-            problems.append(
-                f"{src} {tuple(enc_state[src].shape)} -> {dst} {tuple(net_state[dst].shape)}"
-            )
-    unaccounted = sorted(set(enc_state) - set(tr.key_map) - set(tr.not_exported))
-    problems += [f"{k} (not mapped)" for k in unaccounted]
-    if len(set(tr.key_map.values())) != len(tr.key_map):
-        problems.append("two encoder tensors map to one network tensor")
-    if problems:
-        raise ExportError(
-            f"encoder '{encoder.spec.name}' does not fit {tr.network_class}: "
-            f"{len(problems)} tensor(s) unmatched, e.g. {'; '.join(problems[:3])}"
-        )
-    for src, dst in tr.key_map.items():
-        net_state[dst] = enc_state[src].detach().clone()
-    tr.network.load_state_dict(net_state, strict=True)
-    return tr
+    report = place(encoder, net, plan_for(encoder, net), strict=strict, seed=seed)
+    return Transfer(net, cls_name, net_kwargs, report)
+
+
+def unet_transfer(
+    encoder: Encoder,
+    out_channels: int | None = None,
+    bottom_channels: int | None = None,
+    *,
+    seed: int = 0,
+    strict: bool = False,
+    **options: Any,
+) -> Transfer:
+    """The MONAI ``UNet`` asked for (``options``: :func:`unet_kwargs`) with the encoder's
+    stages in it."""
+    return transfer(encoder, "monai-unet", seed, strict, out_channels=out_channels,
+                    bottom_channels=bottom_channels, **options)  # fmt: skip
+
+
+def swinunetr_transfer(
+    encoder: Encoder, out_channels: int | None = None, *, seed: int = 0, strict: bool = False
+) -> Transfer:
+    """MONAI ``SwinUNETR`` whose ``swinViT`` is the ``swinunetr`` encoder's Swin transformer."""
+    return transfer(encoder, "swinunetr", seed, strict, out_channels=out_channels)
+
+
+def transfer_into(
+    network: nn.Module, source: Encoder | str | Path, *, strict: bool = False
+) -> TransferReport:
+    """Copy what matches of a pretrained encoder into a MONAI ``UNet`` (or ``SwinUNETR``)
+    you built, in place; its other tensors keep their values.
+
+    ``source``: an encoder, a loaded checkpoint, or a checkpoint path (run folder, checkpoint
+    folder, shipped name). Returns the report (``print(report)`` for a summary). Raises
+    :class:`ExportError` when nothing fits, and with ``strict`` when anything does not.
+
+    >>> net = UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2, norm="batch")
+    >>> print(anatomap.transfer_into(net, "brain-mri"))
+    """
+    if isinstance(source, Encoder):
+        encoder = source
+    elif isinstance(getattr(source, "encoder", None), Encoder):
+        encoder = source.encoder  # a LoadedCheckpoint
+    else:
+        encoder = load_checkpoint(source).encoder
+    return place(encoder, network, plan_for(encoder, network), strict=strict, seed=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,24 +247,30 @@ def _save_torchscript(
 
 
 def _save_monai(
-    encoder: Encoder, to: str, out_channels: int | None, seed: int, info: dict, path: Path
-) -> tuple[int, dict[str, Any]]:
+    encoder: Encoder,
+    to: str,
+    options: dict[str, Any],
+    seed: int,
+    strict: bool,
+    info: dict,
+    path: Path,
+) -> TransferReport:
     """Transfer ``encoder`` into the MONAI network ``to``, saved to ``path`` (safetensors)."""
-    tr = transfer(encoder, to, seed=seed, out_channels=out_channels)
+    tr = transfer(encoder, to, seed=seed, strict=strict, **options)
     info.update(
         {
             "network": f"monai.networks.nets.{tr.network_class}",
             "kwargs": tr.kwargs,
             "seed": seed,
-            "pretrained_keys": sorted(tr.key_map.values()),
-            "key_map": tr.key_map,
-            "not_exported": tr.not_exported,
-            "matched": len(tr.key_map),
+            "strict": strict,
+            **tr.report.to_json(),
         }
     )
+    if to == "monai-unet":  # the UNet's input must divide by the product of its strides
+        info["input"]["size_multiple"] = math.prod(tr.kwargs["strides"])
     state = {k: v.detach().contiguous() for k, v in tr.network.state_dict().items()}
     save_file(state, str(path), metadata={"format": FORMAT, "network": info["network"]})
-    return len(tr.key_map), tr.not_exported
+    return tr.report
 
 
 def export_checkpoint(
@@ -362,10 +281,27 @@ def export_checkpoint(
     out_channels: int | None = None,
     size: int | None = None,
     seed: int = 0,
+    strict: bool = False,
+    channels: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
+    num_res_units: int | None = None,
+    norm: str | Sequence[Any] | None = None,
+    act: str | Sequence[Any] | None = None,
+    dropout: float | None = None,
 ) -> ExportResult:
-    """Export a checkpoint's encoder (see the module docstring); returns what was written."""
+    """Export a checkpoint's encoder (see the module docstring); returns what was written.
+
+    ``channels`` ... ``dropout``: the UNet asked for (``monai-unet`` only; :func:`unet_kwargs`).
+    """
     if to not in TARGETS:
         raise ExportError(f"unknown export target '{to}'; choose from {', '.join(TARGETS)}")
+    given = {"channels": channels, "strides": strides, "num_res_units": num_res_units,
+             "norm": norm, "act": act, "dropout": dropout}  # fmt: skip
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if options and to != "monai-unet":
+        raise ExportError(f"{', '.join(options)}: options of --to monai-unet only")
+    if out_channels is not None and to != "torchscript":
+        options["out_channels"] = out_channels
     ckpt = load_checkpoint(checkpoint)
     encoder = ckpt.encoder.eval()
     out = Path(out)
@@ -387,13 +323,15 @@ def export_checkpoint(
             "size_multiple": int(max(encoder.pyramid_strides)),
         },
     }
+    report = None
     with atomic_path(out, what="export") as tmp:  # a failed export leaves no temporary file
         if to == "torchscript":
             matched, not_exported = _save_torchscript(encoder, size, info, tmp)
         else:
-            matched, not_exported = _save_monai(encoder, to, out_channels, seed, info, tmp)
+            report = _save_monai(encoder, to, options, seed, strict, info, tmp)
+            matched, not_exported = report.matched, report.not_exported
     atomic_write_json(_sidecar(out), info, what="export sidecar")
-    return ExportResult(out, _sidecar(out), to, matched, not_exported)
+    return ExportResult(out, _sidecar(out), to, matched, not_exported, report)
 
 
 def read_export_info(path: str | Path) -> dict[str, Any]:
