@@ -27,8 +27,9 @@ loaded.
 
     python benchmarks/embed_match.py [--quick] [--targets 3] [--threads 2] [--write]
 
-``--quick``: one target per field of view. ``--write`` replaces the ``embed_match`` block of
-docs/benchmarks.md.
+``--quick``: one target per field of view. ``--part targets`` / ``--part points`` runs one
+half (each a few minutes; on a shared machine, each in a quiet moment). ``--write`` replaces
+the ``embed_match`` and ``embed_match_points`` blocks of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,12 @@ class Scan:
     affine: np.ndarray
     truth_mm: np.ndarray  # [264, 3] true landmark positions (world mm)
     inside: np.ndarray  # [264] bool: landmark inside the field of view
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process, every thread (torch's and ITK's) counted."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
 
 
 def _hwm_mb(reset: bool = False) -> float:
@@ -139,13 +147,14 @@ class Model:
     def run(self, t: Scan, scan: Scan) -> tuple[np.ndarray, dict[str, float]]:
         from anatomap.infer.match import match_points
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         emb = self.embed(scan)
         t1 = time.perf_counter()
         res = match_points(self.template, t.truth_mm, emb)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), _cpu_s()
         self.last = emb
-        return res.points_mm, {"embed_s": t1 - t0, "match_s": t2 - t1, "total_s": t2 - t0}
+        times = {"embed_s": t1 - t0, "match_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c0}
+        return res.points_mm, times
 
 
 class Registration:
@@ -167,10 +176,10 @@ class Registration:
         from anatomap.eval.registration import transform_points_ras
         from anatomap.io.writers import array_affine_to_sitk
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         moving = array_affine_to_sitk(scan.image, scan.affine)
         pts = transform_points_ras(self.reg.register(self.fixed, moving), t.truth_mm)
-        return pts, {"total_s": time.perf_counter() - t0}
+        return pts, {"total_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0}
 
 
 # -- points against time and memory -----------------------------------------------------------
@@ -188,16 +197,17 @@ def child(args: argparse.Namespace) -> None:
     match_points(template, pts[:2], template)  # imports and first-call costs
     template._match_target = None  # type: ignore[attr-defined]
     base = _hwm_mb(reset=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     match_points(template, pts, target)
-    fresh = time.perf_counter() - t0
+    fresh, cpu = time.perf_counter() - t0, _cpu_s() - c0
     peak = _hwm_mb()
     warm = math.nan  # a second call only where it costs little
     if fresh < 10:
         t0 = time.perf_counter()
         match_points(template, pts, target)
         warm = time.perf_counter() - t0
-    print(json.dumps({"fresh": fresh, "warm": warm, "peak_mb": peak, "base_mb": base}))
+    info = {"fresh": fresh, "cpu": cpu, "warm": warm}
+    print(json.dumps({**info, "peak_mb": peak, "base_mb": base}))
 
 
 def curves(model: Model, t: Scan, sizes: list[int], threads: int) -> list[list[str]]:
@@ -225,6 +235,7 @@ def curves(model: Model, t: Scan, sizes: list[int], threads: int) -> list[list[s
                 [
                     f"{n:,}",
                     f"{r['fresh']:.3f}",
+                    f"{r['cpu']:.3f}",
                     "-" if math.isnan(r["warm"]) else f"{r['warm']:.3f}",
                     f"{1000 * min(r['fresh'], r['warm']) / n:.2f}",
                     f"{r['peak_mb']:.0f} (+{r['peak_mb'] - r['base_mb']:.0f})",
@@ -255,11 +266,13 @@ def _tables(
                     cond,
                     m,
                     f"{v['total_s']:.2f}",
+                    f"{v['cpu_s']:.2f}",
                     f"{v['embed_s']:.2f}" if "embed_s" in v else "-",
                     f"{v['match_s']:.3f}" if "match_s" in v else "-",
                     f"{np.median(errs):.2f}",
                     f"{np.mean(errs):.2f}",
                     f"{v['total_s'] / mean[models[0]]['total_s']:.1f}x",
+                    f"{v['cpu_s'] / mean[models[0]]['cpu_s']:.1f}x",
                 ]
             )
         for model in models:
@@ -286,35 +299,17 @@ def _errors(scan: Scan, pts: np.ndarray) -> np.ndarray:
     return np.linalg.norm(pts - scan.truth_mm, axis=1)[scan.inside]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="brain-mri", help="checkpoint, run or shipped name")
-    ap.add_argument("--targets", type=int, default=3, help="targets per field of view")
-    ap.add_argument("--quick", action="store_true", help="one target per field of view")
-    ap.add_argument(
-        "--windows", type=int, nargs="+", default=[64, 112], help="embed windows (a row each)"
+def _setup(args: argparse.Namespace) -> str:
+    load, threads = os.getloadavg()[0], args.threads
+    return (
+        f"{threads} threads for torch and SimpleITK, OMP_NUM_THREADS "
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; load average {load:.2f} at the start"
     )
-    ap.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
-    ap.add_argument("--points", type=int, nargs="+", default=[10, 100, 1000, 10_000, 100_000])
-    ap.add_argument(
-        "--registrations", nargs="*", default=list(REGISTRATIONS), choices=REGISTRATIONS
-    )
-    ap.add_argument("--write", action="store_true", help="write the block to docs/benchmarks.md")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--emb", nargs=3, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        return child(args)
-    from anatomap.infer.embed import DenseModel
 
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    t = template()
-    dense = DenseModel.from_checkpoint(args.model)
-    models = [Model(dense, t, w) for w in args.windows]
-    model = models[0]
+
+def run_targets(args: argparse.Namespace, t: Scan, models: list[Model]) -> list[str]:
+    """Every matcher on the same targets: the per-target table and issue 18's targets."""
+    t0, setup = time.perf_counter(), _setup(args)
     matchers = [*models, *(Registration(n, args.threads, t) for n in args.registrations)]
     res: dict[str, dict[str, list[dict]]] = {}
     for cond, partial in (("full", False), (f"partial ({KEEP:.0%} S-I)", True)):
@@ -326,55 +321,89 @@ def main() -> None:
                 res[cond][m.name].append({**times, "errors": _errors(scan, pts)})
                 print(f"{cond} {i} {m.name}: {times}", file=sys.stderr, flush=True)
             if not partial and i == 0:
-                full_target, full_grid = model.last, model.grid
-    model.last = full_target
-    curve_rows = curves(model, t, args.points, args.threads)
+                full_grid = models[0].grid
     rows, checks = _tables(res, [m.name for m in models])
     minutes = (time.perf_counter() - t0) / 60
-    lines = [
+    headers = ["field of view", "matcher", "s per target", "CPU s", "embed s", "match s"]
+    headers += ["median error mm", "MRE mm", f"time / {models[0].name}", "CPU / same"]
+    return [
         "### Embed + match against registration (issue 18)",
         "",
         f"Template: the 1 mm MNI152 2009 T1 ({'x'.join(map(str, t.image.shape))}) with the "
         f"264 Power landmarks; targets: the T1 under a random affine + B-spline warp on a "
         f"{'x'.join(map(str, SHAPE))} grid at 1 mm, {1 if args.quick else args.targets} per "
         f"field of view (partial: the top {KEEP:.0%} along S-I). Model `{args.model}`, trained "
-        f"at {model.spacing} mm: embed resamples each 1 mm scan to that "
+        f"at {models[0].spacing} mm: embed resamples each 1 mm scan to that "
         f"({'x'.join(map(str, full_grid))} voxels for the full field of view) and embeds it on "
         "the CPU (float16 maps; window 64, the default, with overlap 0.25: 8 windows here; "
         "window 112: one pass); all 264 points matched per target; registration on the 1 mm "
-        "images. "
-        f"{args.threads} threads for torch and SimpleITK, OMP_NUM_THREADS "
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; load average {load:.2f} at the start, "
+        f"images. CPU s: the process's CPU time, every thread. {setup}, "
         f"{os.getloadavg()[0]:.2f} at the end ({minutes:.1f} min). Machine: {machine()}.",
         f"Command: `{command()}`",
         "",
-        *table(
-            [
-                "field of view",
-                "matcher",
-                "s per target",
-                "embed s",
-                "match s",
-                "median error mm",
-                "MRE mm",
-                f"time / {models[0].name}",
-            ],
-            rows,
-            "llrrrrrr",
-        ),
+        *table(headers, rows, "ll" + "r" * (len(headers) - 2)),
         "",
         "Issue 18's targets:",
         "",
         *table(["field of view", "model row", "target", "measured", "met"], checks, "lllrl"),
+    ]
+
+
+def run_points(args: argparse.Namespace, t: Scan, model: Model) -> list[str]:
+    """``match_points`` on the first full-FOV target: points against time and memory."""
+    setup = _setup(args)
+    model.run(t, target(t, 0, False))
+    rows = curves(model, t, args.points, args.threads)
+    return [
+        "### `match_points`: points against time and peak memory (issue 18)",
         "",
-        "`match_points` on one target (the full-FOV one), points against time and memory:",
+        f"Model `{args.model}` (window {model.window}); template: the 1 mm MNI152 T1 embedded at "
+        f"{model.spacing} mm; target: the first full-field-of-view target of the table above; "
+        "points: random positions in the template's brain. Each count in its own process: "
+        "fresh = the first call on the target (its state built), warm = a second call (when "
+        "the first took under 10 s); peak = the process's high-water mark above what it held "
+        f"with both embeddings loaded. {setup}, {os.getloadavg()[0]:.2f} at the end. "
+        f"Machine: {machine()}.",
+        f"Command: `{command()}`",
         "",
         *table(
-            ["points", "fresh s", "warm s", "ms per point", "peak MB (+match)"],
-            curve_rows,
+            ["points", "fresh s", "fresh CPU s", "warm s", "ms per point", "peak MB (+match)"],
+            rows,
         ),
     ]
-    publish("embed_match", lines, args.write)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="brain-mri", help="checkpoint, run or shipped name")
+    ap.add_argument("--part", choices=("all", "targets", "points"), default="all")
+    ap.add_argument("--targets", type=int, default=3, help="targets per field of view")
+    ap.add_argument("--quick", action="store_true", help="one target per field of view")
+    ap.add_argument(
+        "--windows", type=int, nargs="+", default=[64, 112], help="embed windows (a row each)"
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
+    ap.add_argument("--points", type=int, nargs="+", default=[10, 100, 1000, 10_000, 100_000])
+    ap.add_argument(
+        "--registrations", nargs="*", default=list(REGISTRATIONS), choices=REGISTRATIONS
+    )
+    ap.add_argument("--write", action="store_true", help="write the blocks to docs/benchmarks.md")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--emb", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    from anatomap.infer.embed import DenseModel
+
+    torch.set_num_threads(args.threads)
+    t = template()
+    dense = DenseModel.from_checkpoint(args.model)
+    models = [Model(dense, t, w) for w in args.windows]
+    if args.part in ("all", "targets"):
+        publish("embed_match", run_targets(args, t, models), args.write)
+    if args.part in ("all", "points"):
+        publish("embed_match_points", run_points(args, t, models[0]), args.write)
 
 
 if __name__ == "__main__":

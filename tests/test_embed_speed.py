@@ -397,6 +397,30 @@ def test_embed_file_feeds_the_encoders_input_channels(tmp_path: Path) -> None:
         embed_array(model, np.zeros((2, 16, 16, 16), np.float32), np.eye(4), device="cpu")
 
 
+def test_matching_runs_on_half_the_cpu_threads_and_restores_the_count(monkeypatch) -> None:
+    from anatomap.infer import match as match_module
+
+    seen = []
+    refine = match_module._refine
+    monkeypatch.setattr(
+        match_module, "_refine", lambda *a: (seen.append(torch.get_num_threads()), refine(*a))[1]
+    )
+    before = torch.get_num_threads()
+    try:
+        for threads, used in ((2, 1), (4, 2), (1, 1)):
+            seen.clear()
+            torch.set_num_threads(threads)
+            match_points(*_pair())
+            assert seen == [used] and torch.get_num_threads() == threads
+        monkeypatch.setattr(match_module, "MATCH_THREADS", 3)
+        torch.set_num_threads(4)
+        seen.clear()
+        match_points(*_pair())
+        assert seen == [3]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_match_device_cpu_by_name_or_object_is_the_default() -> None:
     template, pts, target = _pair()
     pts = np.array([[10.0, 10.0, 10.0], [6.0, 14.0, 8.0]])

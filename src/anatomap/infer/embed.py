@@ -11,12 +11,12 @@ no later window touches are normalised into the float16 maps (voxel-major, as
 :func:`~anatomap.infer.match.match_points` reads them) at once. Memory: those maps + the
 bands + one batch of windows (``benchmarks/embed_memory.py``).
 
-MONAI's ``SlidingWindowInferer`` was measured against this, side by side on the same volume
-(``benchmarks/embed_memory.py``, docs/benchmarks.md) and not kept: it stitches each output
-into full-size float32 maps plus count maps before anything can be normalised (its
-``buffer_steps`` mode buffers a network's first output only), so it needs more memory at the
-same speed, and it places its last window at the image's end, off the stride grid unless the
-volume is padded first.
+Not MONAI's ``SlidingWindowInferer``: side by side on a 256^3 volume (default SAM model, 2 CPU
+cores; ``python benchmarks/embed_memory.py --size 256 256 256 --impls old monai new``,
+docs/benchmarks.md) it took 20.2 s and 1.53 GB above the model, this path 11.4 s and 0.78 GB.
+It stitches each output into full-size float32 maps plus count maps before anything can be
+normalised (``buffer_steps`` buffers a network's first output only), and it puts its last
+window at the image's end, off the stride grid unless the volume is padded first.
 
 Inference runs under ``torch.inference_mode`` on ``device`` (:mod:`anatomap.infer.device`),
 optionally under bf16/fp16 autocast (``precision``), with channels-last 3-D tensors and a
