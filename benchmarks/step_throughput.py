@@ -7,11 +7,13 @@ setting runs in its own process, so its peak memory is its own: peak RSS on the 
 GPU, peak allocated device memory. On a GPU the variants are fp32, bf16 autocast, bf16 +
 channels-last-3d (``trainer.channels_last``), and (``--compile``) bf16 + ``torch.compile`` of
 the encoder (``trainer.compile``), each measured; without CUDA only the CPU fp32 row is run
-and the GPU variants are reported as skipped. The views' intensity augmentation is part of
+and the GPU variants are reported as skipped (``--cpu-variants`` adds fp32 + channels-last-3d
+and fp32 + ``torch.compile`` rows on a CPU). The views' intensity augmentation is part of
 the step (``augment_batch`` on the device), as in ``anatomap pretrain``.
 
     python benchmarks/step_throughput.py [--methods isimed sam spatial_aware]
-        [--encoders small_cnn resnet segresnet swinunetr] [--steps 10] [--compile] [--write]
+        [--encoders small_cnn resnet segresnet swinunetr] [--steps 10] [--compile]
+        [--cpu-variants] [--write]
 
 ``--write`` replaces the ``step_throughput`` block of docs/benchmarks.md.
 """
@@ -36,6 +38,8 @@ VARIANTS: dict[str, tuple[dict, list[str]]] = {  # autocast, config switches of 
     "bf16": ({"autocast": torch.bfloat16}, []),
     "bf16+channels_last_3d": ({"autocast": torch.bfloat16}, ["trainer.channels_last=true"]),
     "bf16+compile": ({"autocast": torch.bfloat16}, ["trainer.compile=true"]),
+    "fp32+channels_last_3d": ({}, ["trainer.channels_last=true"]),
+    "fp32+compile": ({}, ["trainer.compile=true"]),
 }
 
 
@@ -87,6 +91,11 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=4, help="demo subjects the batches come from")
     ap.add_argument("--data", default=None, help="folder for the demo + cache (reused)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
+    ap.add_argument(
+        "--cpu-variants",
+        action="store_true",
+        help="on a CPU, also fp32 + channels-last-3d and fp32 + torch.compile",
+    )
     ap.add_argument("--one", nargs=4, metavar=("METHOD", "ENCODER", "VARIANT", "CACHE"))
     ap.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md")
     args = ap.parse_args()
@@ -100,6 +109,8 @@ def main() -> None:
         variants += ["bf16", "bf16+channels_last_3d"] + (["bf16+compile"] if args.compile else [])
     else:
         print("no CUDA device: GPU variants (bf16, channels-last-3d, compile) skipped")
+        if args.cpu_variants:
+            variants += ["fp32+channels_last_3d", "fp32+compile"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = str(demo_cache(args.data or tmp, args.volumes).cache)
