@@ -90,7 +90,10 @@ def test_index_cache_pretrain_evaluate(workdir: Path) -> None:
 
 def test_resume_continues_step_count(workdir: Path) -> None:
     args = ["data.cache=cache", "output=run_resume", "data.heldout=[sub-05]", *TINY]
-    run("pretrain", "isimed", "trainer.max_steps=5", *args, cwd=workdir)
+    first = run(
+        "pretrain", "isimed", "trainer.max_steps=5", *args, "data.num_workers=auto", cwd=workdir
+    )
+    assert "anatomap: data.num_workers=auto: " in first.stderr  # the loader choice is shown
     # The resume file holds the final step, not only the last periodic one (every 4 steps).
     state = torch.load(workdir / "run_resume" / "lightning" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 5

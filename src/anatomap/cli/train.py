@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
 
 from anatomap.cli.evaluate import print_position_table, print_robustness_table
@@ -18,10 +20,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     quiet = ["trainer.progress=false"] if args.quiet else []
     cfg = load_config(path, [*args.overrides, *quiet])
+    if not args.quiet:
+        _show_info_logs()  # e.g. the loader chosen by data.num_workers: auto
     res = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, config_dir=path.parent)
     if res.is_global_zero:
         print(f"trained {res.steps} steps; checkpoint: {res.checkpoint}")
     return OK
+
+
+def _show_info_logs() -> None:
+    """anatomap's INFO messages (not Lightning's) to stderr, one line each."""
+    logger = logging.getLogger("anatomap")
+    if not any(getattr(h, "_anatomap_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("anatomap: %(message)s"))
+        handler._anatomap_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
