@@ -95,6 +95,19 @@ def at_most_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def small_op_threads(override: int | None = None) -> int:
+    """Threads for many small CPU operations: ``override``, or half of torch's (at least 1).
+
+    Each multi-threaded operation ends in a barrier that waits for any descheduled thread.
+    Measured for the match refinement on 2 cores, 264 / 2,000 points: 1 thread 0.11 / 0.88 s,
+    2 threads 0.08 / 0.60 s on idle cores, but 0.13 / 0.76 s against 0.31 / 1.92 s with one
+    core busy; half the cores keeps most of the gain on large machines and room for other
+    work."""
+    if override is not None:
+        return max(1, int(override))
+    return max(1, torch.get_num_threads() // 2)
+
+
 def memory_format(channels_last: bool) -> torch.memory_format:
     """``channels_last_3d`` (NDHWC: faster 3-D convolutions on GPUs and oneDNN) or the
     default contiguous layout."""

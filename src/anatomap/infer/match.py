@@ -31,7 +31,7 @@ import torch
 
 from anatomap import geometry
 from anatomap.errors import AnatomapError
-from anatomap.infer.device import at_most_threads, float32_rows, resolve_device
+from anatomap.infer.device import at_most_threads, float32_rows, resolve_device, small_op_threads
 from anatomap.infer.embed import DenseEmbedding
 
 DEFAULT_LOW_SCORE = 0.5
@@ -40,8 +40,7 @@ MIN_BLOCK_BYTES = 32 * 2**20  # refinement blocks may always use this much (see 
 SCORED_BYTES = 192  # temporaries per scored fine voxel in the refinement, at most
 _EPS = 1e-12  # F.normalize's floor on a norm
 UPCAST_BYTES = 64 * 2**20  # float32 rows made from a float16 map at once
-# Intra-op CPU threads of the refinement (device.at_most_threads); None: half of torch's.
-MATCH_THREADS: int | None = None
+MATCH_THREADS: int | None = None  # CPU threads of the refinement; None: half (small_op_threads)
 _CORNERS = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
 
 
@@ -423,19 +422,6 @@ def _subvoxel(
     return ijk.double() + torch.where(ok, shift, 0.0).clamp(-0.5, 0.5)
 
 
-def match_threads() -> int:
-    """Threads of the refinement: ``MATCH_THREADS``, or half of torch's (at least one).
-
-    Its many small operations each end in a thread barrier, which waits for any descheduled
-    thread. Measured on 2 cores, 264 / 2,000 points: 1 thread 0.11 / 0.88 s, 2 threads 0.08 /
-    0.60 s when the cores were idle, but 0.13 / 0.76 s against 0.31 / 1.92 s with one core
-    busy (H3 saw 10-50x on a loaded machine); half the cores keeps most of the gain on large
-    machines and leaves room for other work."""
-    if MATCH_THREADS is not None:
-        return max(1, int(MATCH_THREADS))
-    return max(1, torch.get_num_threads() // 2)
-
-
 def fine_block(chunk_size: int, n_coarse: int, n_scored: int) -> int:
     """Points refined at once: their temporaries (about ``SCORED_BYTES`` per scored voxel,
     ``n_scored`` voxels per point) take no more memory than a chunk's coarse similarities
@@ -487,7 +473,7 @@ def match_points(
         sim = q_c @ t.coarse  # [chunk, Mc]
         top_val, top = sim.topk(k, dim=1)
         coarse_scores[s : s + len(q_c)] = top_val[:, 0].double().cpu().numpy()
-        with at_most_threads(match_threads()):  # the refinement: many small operations
+        with at_most_threads(small_op_threads(MATCH_THREADS)):  # refinement: small operations
             for r in range(0, len(q_c), step):
                 sim_pad = torch.nn.functional.pad(
                     sim[r : r + step].view(-1, *t.shape_c), (1, 2, 1, 2, 1, 2)
