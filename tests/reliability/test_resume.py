@@ -80,17 +80,20 @@ class _Indices(Dataset):
 
 
 def test_loader_state_resumes_after_the_consumed_batches() -> None:
-    def loader(steps: int) -> ResumableLoader:
+    steps = {"done": 5}  # the trainer's optimiser steps (restored with the resume file)
+
+    def loader() -> ResumableLoader:
         return ResumableLoader(
-            _Indices(6), steps_done=lambda: steps, batch_size=2, sampler=EpochSampler(6)
+            _Indices(6), steps_done=lambda: steps["done"], batch_size=2, sampler=EpochSampler(6)
         )
 
-    state = loader(5).state_dict()  # 5 steps of 3 per epoch: epoch 1, 2 batches done
+    state = loader().state_dict()  # 5 steps of 3 per epoch: epoch 1, 2 batches done
     assert state == {"epoch": 1, "batches": 2, "batches_per_epoch": 3, "batch_size": 2}
-    fresh = loader(0)
+    fresh = loader()
     fresh.load_state_dict(state)
     assert [b.tolist() for b in fresh] == [[10, 11]]
-    fresh.sampler.set_epoch(2)
+    steps["done"] = 6
+    fresh.sampler.set_epoch(1)  # a lagging epoch from Lightning's loop: the steps decide
     assert [b.tolist() for b in fresh] == [[12, 13], [14, 15], [16, 17]]
     changed = ResumableLoader(
         _Indices(6), steps_done=lambda: 0, batch_size=3, sampler=EpochSampler(6)
@@ -163,6 +166,41 @@ def test_crash_mid_epoch_then_resume_equals_uninterrupted_run_with_ema(
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert any(k.startswith("objective.ema.") for k in a)  # the EMA encoder is saved
     assert_same_weights(a, b)
+
+
+def test_resumed_run_resumed_again_at_epoch_boundaries_equals_uninterrupted_run(
+    overrides: Callable[..., list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    """Crash right after the resume file of step 6, resume, crash after step 9, resume to 12:
+    the same weights as one run (3 batches per epoch, so every resume starts an epoch; the
+    second resume file is written by a resumed process). The kill -9 test below found this:
+    the data of step 9 onwards came from the wrong epoch."""
+    pretrain(load_config(overrides=overrides(tmp_path / "full", 12)))
+    original = pretrain_mod.SafetensorsCheckpoint.on_train_batch_end
+
+    def crash_after(step: int):  # type: ignore[no-untyped-def]
+        def hook(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            original(self, trainer, module, outputs, batch, batch_idx)
+            if trainer.global_step == step + 1:  # the resume file still holds `step`
+                raise _Crash
+
+        return hook
+
+    cut = load_config(overrides=overrides(tmp_path / "cut", 12))
+    for step, resume in ((6, False), (9, True)):
+        monkeypatch.setattr(
+            pretrain_mod.SafetensorsCheckpoint, "on_train_batch_end", crash_after(step)
+        )
+        with pytest.raises(_Crash):
+            pretrain(cut, resume=resume)
+        last = load_resume_file(tmp_path / "cut" / "lightning" / "last.ckpt")
+        assert int(last["global_step"]) == step
+    monkeypatch.setattr(pretrain_mod.SafetensorsCheckpoint, "on_train_batch_end", original)
+    assert pretrain(cut, resume=True).steps == 12
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -435,9 +435,27 @@ class EpochSampler(Sampler[int]):
         self.world_size = world_size
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
+        self._follow: tuple[Callable[[], int], int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def follow_steps(
+        self,
+        steps_done: Callable[[], int] | None,
+        batch_size: int = 1,
+        batches_per_epoch: int | None = None,
+    ) -> None:
+        """Take the epoch and the place in it from ``steps_done()`` (one batch of
+        ``batch_size`` per step) when an iteration starts, ignoring :meth:`set_epoch`; step
+        ``s`` then draws batch ``s % B`` of epoch ``s // B`` in every run, resumed or not.
+        (After a resume at the end of an epoch, Lightning's loop can set the previous epoch
+        again; found by the kill -9 test.) ``None`` stops following."""
+        if steps_done is None:
+            self._follow = None
+            return
+        per_epoch = -(-len(self) // batch_size) if batches_per_epoch is None else batches_per_epoch
+        self._follow = (steps_done, batch_size, per_epoch)
 
     def resume(self, epoch: int, position: int) -> None:
         """Start the next iteration at ``epoch`` after ``position`` of this rank's indices."""
@@ -457,6 +475,11 @@ class EpochSampler(Sampler[int]):
         return [base + i for i in order[self.rank : total : self.world_size]]
 
     def __iter__(self) -> Iterator[int]:
+        if self._follow is not None:
+            steps_done, batch_size, per_epoch = self._follow
+            epoch, batches = divmod(int(steps_done()), per_epoch)
+            self.epoch, self._resume = epoch, None
+            return iter(self.indices(epoch)[batches * batch_size :])
         idx = self.indices(self.epoch)
         if self._resume is not None:
             epoch, position = self._resume

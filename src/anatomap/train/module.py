@@ -69,11 +69,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class ResumableLoader(DataLoader):
     """A DataLoader over an :class:`EpochSampler` whose place in the epoch is saved in
     Lightning's resume file (Lightning's ``state_dict`` / ``load_state_dict`` protocol for
-    data loaders). ``steps_done()`` is the trainer's optimiser step count: one batch each."""
+    data loaders). ``steps_done()`` is the trainer's optimiser step count: one batch each.
+    ``follow_steps``: every iteration starts where that count says
+    (:meth:`EpochSampler.follow_steps`), not at the epoch Lightning's loop sets."""
 
-    def __init__(self, *args: Any, steps_done: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, steps_done: Callable[[], int], follow_steps: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._steps_done = steps_done
+        if follow_steps and isinstance(self.sampler, EpochSampler):
+            self.sampler.follow_steps(steps_done, int(self.batch_size or 1), len(self))
 
     def state_dict(self) -> dict[str, int]:
         epoch, batches = divmod(int(self._steps_done()), len(self))
@@ -96,6 +102,7 @@ class ResumableLoader(DataLoader):
                 "starts its epoch from the first sample",
                 stacklevel=2,
             )
+            sampler.follow_steps(None)
             sampler.set_epoch(int(state.get("epoch", 0)))
             return
         sampler.resume(int(state["epoch"]), int(state["batches"]) * int(state["batch_size"]))
@@ -326,6 +333,7 @@ class ViewDataModule(L.LightningDataModule):
         return ResumableLoader(
             self.dataset,
             steps_done=lambda: trainer.global_step if trainer else 0,
+            follow_steps=trainer is not None,  # each epoch starts where the step count says
             # its own generator: creating the iterator draws no number from torch's global one
             generator=torch.Generator().manual_seed(self.cfg.trainer.seed),
             batch_size=self.cfg.trainer.batch_size,
