@@ -7,6 +7,7 @@ uninterrupted run with the same seed (CPU, one thread).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -201,6 +202,10 @@ def test_resumed_run_resumed_again_at_epoch_boundaries_equals_uninterrupted_run(
     monkeypatch.setattr(pretrain_mod.SafetensorsCheckpoint, "on_train_batch_end", original)
     assert pretrain(cut, resume=True).steps == 12
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    # the training log keeps every run's rows (Lightning's CSV logger deleted the old ones)
+    rows = list(csv.DictReader((tmp_path / "cut" / "logs" / "metrics.csv").open()))
+    logged = sorted(int(r["step"]) for r in rows if r.get("loss"))
+    assert set(logged) == set(range(12))
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ A run folder holds ``config.yaml`` (resolved), ``logs/metrics.csv`` and TensorBo
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import json
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -21,6 +23,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from anatomap.checkpoint import save_checkpoint
 from anatomap.config import RunConfig, dump_config
@@ -149,7 +153,29 @@ def _same_data(run: Path, cache: Cache) -> None:
         )
 
 
-def _trainer(cfg: RunConfig, run: Path, meta: dict[str, Any]) -> L.Trainer:
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, keeping an existing ``metrics.csv`` (Lightning deletes it): a
+    resumed run appends its rows, so the log of the steps before the kill is not lost."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="", encoding="utf-8") as f:
+                self.metrics_keys = list(next(csv.reader(f), []))
+
+
+class _AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` whose writer appends to the run's ``logs/metrics.csv``."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def _trainer(cfg: RunConfig, run: Path, meta: dict[str, Any], resume: bool = False) -> L.Trainer:
     """The Lightning trainer of a run: loggers, checkpoints (resume file + safetensors)."""
     t = cfg.trainer
     return L.Trainer(
@@ -166,7 +192,7 @@ def _trainer(cfg: RunConfig, run: Path, meta: dict[str, Any]) -> L.Trainer:
         enable_progress_bar=t.progress,
         enable_model_summary=False,
         logger=[
-            CSVLogger(str(run), name="logs", version=""),
+            (_AppendingCSVLogger if resume else CSVLogger)(str(run), name="logs", version=""),
             TensorBoardLogger(str(run), name="tb", version="", default_hp_metric=False),
         ],
         callbacks=[
@@ -228,7 +254,7 @@ def pretrain(
     atomic_write_text(run / "config.yaml", dump_config(cfg), what="config")
     atomic_write_json(run / "run.json", meta)
 
-    trainer = _trainer(cfg, run, meta)
+    trainer = _trainer(cfg, run, meta, resume)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.is_global_zero:
         atomic_write_json(
