@@ -414,6 +414,21 @@ def test_bf16_mixed_trains_on_the_cpu(tiny_cache: Path, tmp_path: Path) -> None:
     assert losses and all(np.isfinite(losses))
 
 
+def test_progress_bar_describes_epochs_by_steps() -> None:
+    """A max_steps run has max_epochs=-1; Lightning's bar printed "Epoch 11/-2"."""
+    from types import SimpleNamespace
+
+    bar = pretrain_mod.StepProgressBar()
+    bar._trainer = SimpleNamespace(
+        global_step=550, max_steps=600, max_epochs=-1, num_training_batches=50
+    )
+    assert bar._get_train_description(11) == "Epoch 11 (steps 551-600 of 600)"
+    bar._trainer = SimpleNamespace(
+        global_step=580, max_steps=600, max_epochs=-1, num_training_batches=50
+    )
+    assert bar._get_train_description(11) == "Epoch 11 (steps 581-600 of 600)"
+
+
 def test_bf16_convolutions_of_two_voxel_maps_give_finite_gradients() -> None:
     """torch 2.13's oneDNN bf16 convolution gives NaN weight gradients at random for maps with
     a side of 2 voxels (measured: about one backward in three for this shape); the guard runs

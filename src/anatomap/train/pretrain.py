@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -175,6 +175,26 @@ class _AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
+class StepProgressBar(RichProgressBar):
+    """Lightning's Rich bar, described by steps: a run bounded by ``max_steps`` has
+    ``max_epochs=-1``, which Lightning's bar printed as "Epoch 11/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        done, total = int(self.trainer.global_step), int(self.trainer.max_steps)
+        last = min(total, done + int(self.total_train_batches or 0))
+        return f"Epoch {current_epoch} (steps {done + 1}-{last} of {total})"
+
+
+def _progress_bars(enabled: bool) -> list[Callback]:
+    """The step-described bar when progress is on (none without ``rich``: Lightning's own)."""
+    if not enabled:
+        return []
+    try:
+        return [StepProgressBar()]
+    except ModuleNotFoundError:
+        return []
+
+
 def _trainer(cfg: RunConfig, run: Path, meta: dict[str, Any], resume: bool = False) -> L.Trainer:
     """The Lightning trainer of a run: loggers, checkpoints (resume file + safetensors)."""
     t = cfg.trainer
@@ -203,6 +223,7 @@ def _trainer(cfg: RunConfig, run: Path, meta: dict[str, Any], resume: bool = Fal
                 every_n_train_steps=t.checkpoint_every,
             ),
             SafetensorsCheckpoint(run / "checkpoint", t.checkpoint_every, meta),
+            *_progress_bars(t.progress),
         ],
         num_sanity_val_steps=0,
         deterministic=False,
