@@ -179,6 +179,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def hwm_mb(reset: bool = False) -> float:
+    """This process's resident high-water mark (Linux ``VmHWM``), MB; ``reset`` first sets
+    it to the current RSS, so a later call measures the peak of what ran in between."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 # ---------------------------------------------------------------- data
 
 

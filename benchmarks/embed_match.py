@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import command, machine, publish, table
+from _common import command, hwm_mb, machine, publish, table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (181, 217, 181)
@@ -69,15 +69,6 @@ def _cpu_s() -> float:
     """CPU seconds of this process, every thread (torch's and ITK's) counted."""
     use = resource.getrusage(resource.RUSAGE_SELF)
     return use.ru_utime + use.ru_stime
-
-
-def _hwm_mb(reset: bool = False) -> float:
-    if reset:
-        Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def template() -> Scan:
@@ -196,11 +187,11 @@ def child(args: argparse.Namespace) -> None:
     pts = np.load(args.emb[2])[: args.n]
     match_points(template, pts[:2], template)  # imports and first-call costs
     template._match_target = None  # type: ignore[attr-defined]
-    base = _hwm_mb(reset=True)
+    base = hwm_mb(reset=True)
     t0, c0 = time.perf_counter(), _cpu_s()
     match_points(template, pts, target)
     fresh, cpu = time.perf_counter() - t0, _cpu_s() - c0
-    peak = _hwm_mb()
+    peak = hwm_mb()
     warm = math.nan  # a second call only where it costs little
     if fresh < 10:
         t0 = time.perf_counter()

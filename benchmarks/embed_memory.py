@@ -40,19 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import command, machine, publish, table
+from _common import command, hwm_mb, machine, publish, table
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("old", "monai", "new")
-
-
-def _hwm_mb(reset: bool = False) -> float:
-    if reset:
-        Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _cpu_s() -> float:
@@ -117,11 +108,11 @@ def child(args: argparse.Namespace) -> None:
     small = np.random.default_rng(1).random((1, 64, 64, 64), dtype=np.float32)
     run = _impl(args.impl, model)
     run(small)  # imports and first-call costs
-    base = _hwm_mb(reset=True)
+    base = hwm_mb(reset=True)
     t0, c0 = time.perf_counter(), _cpu_s()
     coarse, fine = run(image)
     seconds, cpu = time.perf_counter() - t0, _cpu_s() - c0
-    peak = _hwm_mb()
+    peak = hwm_mb()
     if args.save:
         torch.save({"coarse": coarse.half(), "fine": fine.half()}, args.save)
     info = {"seconds": seconds, "cpu_s": cpu, "peak_mb": peak, "base_mb": base}

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import command, machine, publish, table
+from _common import command, hwm_mb, machine, publish, table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFT = np.array([6.0, -4.0, 8.0])
@@ -78,15 +78,6 @@ def points(n: int, shape: tuple[int, ...]) -> np.ndarray:
     return geometry.voxel_to_world(aff, ijk)
 
 
-def _hwm_mb(reset: bool = False) -> float:
-    if reset:
-        Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(args: argparse.Namespace) -> None:
     """One (implementation, points) measurement; prints a JSON line, saves the matches."""
     if args.threads:
@@ -101,11 +92,11 @@ def child(args: argparse.Namespace) -> None:
     pts = points(args.n, shape)
     small = embeddings((24, 24, 24), args.dim)
     match(small[0], points(2, (24, 24, 24)), small[1])  # imports and first-call costs
-    base = _hwm_mb(reset=True)
+    base = hwm_mb(reset=True)
     t0 = time.perf_counter()
     res = match(template, pts, target)
     fresh = time.perf_counter() - t0
-    peak = _hwm_mb()
+    peak = hwm_mb()
     warm: list[float] = []
     for _ in range(args.repeat):
         if sum(warm) > 10:

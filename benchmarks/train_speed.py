@@ -7,7 +7,7 @@ alternate (a) and (b), the best round of each counts; loader overhead = 1 - rate
 Two settings per method, each in its own process:
 
 - **before**: the code as it was: SAM's loss as a Python loop over volumes x directions
-  (``LegacySAM`` below, kept for this comparison), ``data.num_workers: 2`` (the old packaged
+  (``LegacySAM`` of tests/test_train_speed.py, kept for this comparison), ``data.num_workers: 2`` (the old packaged
   value), per-view MONAI intensity augmentation in the loader, glibc's default ``malloc``;
 - **after**: the current code: batched SAM loss, ``data.num_workers`` from the packaged
   config (``auto``: in process or workers, whichever was faster when training started),
@@ -28,6 +28,7 @@ Short check (a few minutes on 2 cores): ``--methods isimed sam --steps 3 --round
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -35,101 +36,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from _common import Trainee, command, demo_cache, machine, met, peak_rss_mb, publish, table
 
-from anatomap import geometry
 from anatomap.config import config_path, load_config
 from anatomap.data.cache import Cache
-from anatomap.objectives.base import batch_generator, flatten_views
-from anatomap.objectives.sam import SAM, info_nce, mine_hard_negatives, outside_radius
+from anatomap.objectives.sam import SAM
 from anatomap.train.module import PretrainModule, ViewDataModule
 
 
-class LegacySAM(SAM):
-    """SAM's loss before issue 18: one loop over volumes x directions, every term per pair
-    (the same code as ``tests/test_train_speed.py``'s reference)."""
-
-    def forward(self, encoder, batch):  # type: ignore[no-untyped-def]
-        images = batch["image"]
-        b = images.shape[0]
-        coarse, fine = self.dense(encoder, flatten_views(images))
-        coarse = coarse.view(b, 2, *coarse.shape[1:]).float()
-        fine = fine.view(b, 2, *fine.shape[1:]).float()
-        affines = batch["affine"].to(torch.float64)
-        c_aff = geometry.feature_affine(affines, self.strides[0])
-        f_aff = geometry.feature_affine(affines, self.strides[1])
-        gen = batch_generator(batch)
-        fine_losses, coarse_losses = [], []
-        for i in range(b):
-            for a, o in ((0, 1), (1, 0)):
-                fl = self._legacy_fine(
-                    fine[i, a], fine[i, o], coarse[i, a], coarse[i, o],
-                    f_aff[i, a], f_aff[i, o], c_aff[i, a], c_aff[i, o], gen,
-                )  # fmt: skip
-                if fl is not None:
-                    fine_losses.append(fl)
-                others = [coarse[j, v] for j in range(b) if j != i for v in (0, 1)]
-                cl = self._legacy_coarse(
-                    coarse[i, a], coarse[i, o], c_aff[i, a], c_aff[i, o], others, gen
-                )
-                if cl is not None:
-                    coarse_losses.append(cl)
-        zero = images.sum() * 0.0
-        fine_l = torch.stack(fine_losses).mean() if fine_losses else zero
-        coarse_l = torch.stack(coarse_losses).mean() if coarse_losses else zero
-        return {"loss": fine_l + coarse_l, "fine": fine_l.detach(), "coarse": coarse_l.detach()}
-
-    @staticmethod
-    def _legacy_anchors(map_a, map_o, aff_a, aff_o, count, gen):  # type: ignore[no-untyped-def]
-        world_a = geometry.world_grid(aff_a, tuple(map_a.shape[1:])).reshape(-1, 3)
-        in_o = geometry.world_to_voxel(aff_o, world_a)
-        overlap = geometry.inside(in_o, tuple(map_o.shape[1:])).nonzero().flatten()
-        if len(overlap) < 1:
-            return None
-        pick = overlap[torch.randperm(len(overlap), generator=gen)[:count]]
-        anchors = F.normalize(map_a.flatten(1).T[pick], dim=-1)
-        return pick, world_a[pick], anchors, geometry.sample_map(map_o, in_o[pick])
-
-    def _legacy_fine(  # type: ignore[no-untyped-def]
-        self, fa, fo, ca, co, faff_a, faff_o, caff_a, caff_o, gen
-    ):
-        c = self.config
-        found = self._legacy_anchors(fa, fo, faff_a, faff_o, c.fine_anchors, gen)
-        if found is None:
-            return None
-        _, anchor_w, anchors, positives = found
-        cand_w = geometry.world_grid(faff_o, tuple(fo.shape[1:])).reshape(-1, 3)
-        sub = torch.randperm(len(cand_w), generator=gen)[: c.fine_candidates]
-        cand, cand_w = fo.flatten(1).T[sub], cand_w[sub]
-        valid = outside_radius(anchor_w, cand_w, c.fine_ignore_mm)
-        with torch.no_grad():
-            anchor_c = geometry.sample_map(ca, geometry.world_to_voxel(caff_a, anchor_w))
-            cand_c = geometry.sample_map(co, geometry.world_to_voxel(caff_o, cand_w))
-            sim = anchors @ cand.T + anchor_c @ cand_c.T
-            idx, ok = mine_hard_negatives(sim, valid, c.hard_pool, c.hard_keep, gen)
-        return info_nce(anchors, positives, cand[idx], c.temperature, ok)
-
-    def _legacy_coarse(self, ca, co, caff_a, caff_o, others, gen):  # type: ignore[no-untyped-def]
-        c = self.config
-        found = self._legacy_anchors(ca, co, caff_a, caff_o, c.coarse_anchors, gen)
-        if found is None:
-            return None
-        pick, anchor_w, anchors, positives = found
-        cand = co.flatten(1).T
-        cand_w = geometry.world_grid(caff_o, tuple(co.shape[1:])).reshape(-1, 3)
-        valid = outside_radius(anchor_w, cand_w, c.coarse_ignore_mm)
-        if others and c.coarse_global_negatives > 0:
-            pool = torch.cat([o.flatten(1).T for o in others])
-            take = torch.randperm(len(pool), generator=gen)[: c.coarse_global_negatives]
-            cand = torch.cat([cand, pool[take]])
-            valid = torch.cat([valid, valid.new_ones(len(pick), len(take))], dim=1)
-        if not valid.any():
-            return None
-        return info_nce(anchors, positives, cand, c.temperature, valid)
+def _legacy_sam() -> type:
+    """SAM's loss before issue 18 (one loop over volumes x directions, every term per pair):
+    ``tests/test_train_speed.py``'s ``LegacySAM``, the reference its equivalence test pins,
+    loaded from that file so the benchmark times exactly the code the test checks."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "test_train_speed.py"
+    spec = importlib.util.spec_from_file_location("_anatomap_train_speed_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LegacySAM
 
 
 def _setting(method: str, setting: str, cache: str) -> tuple[Trainee, ViewDataModule, Any]:
@@ -145,7 +73,7 @@ def _setting(method: str, setting: str, cache: str) -> tuple[Trainee, ViewDataMo
     torch.manual_seed(0)
     module = PretrainModule(cfg, len(c.modalities))
     if before and isinstance(module.objective, SAM):
-        module.objective.__class__ = LegacySAM  # same parameters, the old forward
+        module.objective.__class__ = _legacy_sam()  # same parameters, the old forward
     spec = module.objective.view_spec()
     dm = ViewDataModule(cfg, c, c.subjects, spec)
     if before:  # per-view augmentation in the loader, as the dataset did it

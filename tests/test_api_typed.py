@@ -12,57 +12,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from _position_maps import PoolModel
+from _position_maps import position_embedding as _embedding
 
 import anatomap
 from anatomap import geometry
 from anatomap.errors import AnatomapError
-from anatomap.infer.embed import DenseEmbedding, DenseModel
+from anatomap.infer.embed import DenseEmbedding
 from anatomap.infer.matches import Matches
 from anatomap.infer.points import read_points
 from anatomap.infer.spheres import check_spheres, sphere_labels, sphere_paths
-
-
-class PoolModel(DenseModel):
-    """A fake dense model: average-pooled [image, 1] maps at strides 8 and 2."""
-
-    def __init__(self) -> None:
-        self.ckpt = None
-        self.encoder = torch.nn.Identity()
-        self.objective = torch.nn.Identity()
-        self.strides = (8, 2)
-        self.max_stride = 8
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = torch.cat([x, torch.ones_like(x)], 1)
-        return (
-            F.normalize(F.avg_pool3d(feats, 8), dim=1),
-            F.normalize(F.avg_pool3d(feats, 2), dim=1),
-        )
-
-
-def _field(affine: np.ndarray, shape: tuple[int, ...], stride: int, freqs: list[float]):
-    """A map whose unit vectors encode world position (as in tests/test_points.py)."""
-    w = torch.as_tensor(geometry.world_grid(geometry.feature_affine(affine, stride), shape))
-    fr = torch.tensor(freqs, dtype=torch.float64)
-    feats = [
-        g(w[..., a] * f * 2 * math.pi) for a in range(3) for f in fr for g in (torch.sin, torch.cos)
-    ]
-    return F.normalize(torch.stack(feats).float(), dim=0)
-
-
-def _embedding(affine: np.ndarray, shape: tuple[int, ...], source: str = "") -> DenseEmbedding:
-    cs, fs = tuple(math.ceil(n / 8) for n in shape), tuple(math.ceil(n / 2) for n in shape)
-    return DenseEmbedding(
-        _field(affine, cs, 8, [1 / 300.0, 1 / 150.0]),
-        _field(affine, fs, 2, [1 / 60.0, 1 / 25.0, 1 / 12.0]),
-        geometry.feature_affine(affine, 8),
-        geometry.feature_affine(affine, 2),
-        source=source,
-        image_shape=shape,
-        image_affine=affine,
-    )
-
 
 A = np.diag([2.0, 2.0, 2.0, 1.0])
 A[:3, 3] = [-40, -50, -30]

@@ -6,16 +6,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from _position_maps import position_embedding as _embedding
 
-from anatomap import geometry
 from anatomap.infer.consistency import (
     affine_consistency,
     crop_embedding,
     fixed_point_check,
 )
-from anatomap.infer.embed import DenseEmbedding
 from anatomap.infer.match import match_points
 
 
@@ -151,27 +148,6 @@ def test_bad_inputs_raise() -> None:
 
 
 # -- the fixed-point test and the local search, on maps that encode world position ---------
-
-
-def _field(affine: np.ndarray, shape: tuple[int, ...], stride: int, freqs: list[float]):
-    w = torch.as_tensor(geometry.world_grid(geometry.feature_affine(affine, stride), shape))
-    fr = torch.tensor(freqs, dtype=torch.float64)
-    feats = [
-        g(w[..., a] * f * 2 * math.pi) for a in range(3) for f in fr for g in (torch.sin, torch.cos)
-    ]
-    return F.normalize(torch.stack(feats).float(), dim=0)
-
-
-def _embedding(affine: np.ndarray, shape: tuple[int, ...]) -> DenseEmbedding:
-    cs, fs = tuple(math.ceil(n / 8) for n in shape), tuple(math.ceil(n / 2) for n in shape)
-    return DenseEmbedding(
-        _field(affine, cs, 8, [1 / 300.0, 1 / 150.0]),
-        _field(affine, fs, 2, [1 / 60.0, 1 / 25.0, 1 / 12.0]),
-        geometry.feature_affine(affine, 8),
-        geometry.feature_affine(affine, 2),
-        image_shape=shape,
-        image_affine=affine,
-    )
 
 
 A = np.diag([2.0, 2.0, 2.0, 1.0])

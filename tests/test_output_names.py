@@ -8,28 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
+from _position_maps import PoolModel
 
 from anatomap.api import embed
-from anatomap.infer.embed import DenseEmbedding, DenseModel, embedding_names
-
-
-class PoolModel(DenseModel):
-    """A fake dense model: average-pooled [image, 1] maps at strides 8 and 2."""
-
-    def __init__(self) -> None:
-        self.ckpt = None
-        self.encoder = torch.nn.Identity()
-        self.objective = torch.nn.Identity()
-        self.strides = (8, 2)
-        self.max_stride = 8
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = torch.cat([x, torch.ones_like(x)], 1)
-        return (
-            F.normalize(F.avg_pool3d(feats, 8), dim=1),
-            F.normalize(F.avg_pool3d(feats, 2), dim=1),
-        )
+from anatomap.infer.embed import DenseEmbedding, embedding_names
 
 
 def scan(path: Path, seed: int) -> Path:

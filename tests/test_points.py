@@ -11,13 +11,11 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from _position_maps import position_embedding as _embedding
 
 from anatomap import api, geometry
 from anatomap.errors import AnatomapError
 from anatomap.infer import match as match_module
-from anatomap.infer.embed import DenseEmbedding
 from anatomap.infer.points import (
     SLICER_SCHEMA,
     read_points,
@@ -228,30 +226,6 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 
 # -- api.match: points in LPS, markups out, target voxel indices --------------------------
-
-
-def _field(
-    affine: np.ndarray, shape: tuple[int, ...], stride: int, freqs: list[float]
-) -> torch.Tensor:
-    """A map whose unit vectors encode world position (as in tests/test_sam.py)."""
-    w = torch.as_tensor(geometry.world_grid(geometry.feature_affine(affine, stride), shape))
-    fr = torch.tensor(freqs, dtype=torch.float64)
-    feats = [
-        g(w[..., a] * f * 2 * math.pi) for a in range(3) for f in fr for g in (torch.sin, torch.cos)
-    ]
-    return F.normalize(torch.stack(feats).float(), dim=0)
-
-
-def _embedding(affine: np.ndarray, shape: tuple[int, ...]) -> DenseEmbedding:
-    cs, fs = tuple(math.ceil(n / 8) for n in shape), tuple(math.ceil(n / 2) for n in shape)
-    return DenseEmbedding(
-        _field(affine, cs, 8, [1 / 300.0, 1 / 150.0]),
-        _field(affine, fs, 2, [1 / 60.0, 1 / 25.0, 1 / 12.0]),
-        geometry.feature_affine(affine, 8),
-        geometry.feature_affine(affine, 2),
-        image_shape=shape,
-        image_affine=affine,
-    )
 
 
 def test_api_match_reads_lps_and_writes_markups_with_voxel_indices(

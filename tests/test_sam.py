@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _position_maps import PoolModel as _PoolModel
+from _position_maps import position_embedding as _embedding
 
 from anatomap import geometry
 from anatomap.geometry import sample_map
-from anatomap.infer.embed import DenseEmbedding, embed_array
+from anatomap.infer.embed import embed_array
 from anatomap.infer.match import match_points
 from anatomap.objectives.sam import info_nce, mine_hard_negatives, outside_radius
 
@@ -58,25 +59,6 @@ def test_sample_map_interpolates_at_voxel_positions() -> None:
     assert torch.allclose(mid, F.normalize(fmap[:, 1, 2, 3] + fmap[:, 2, 2, 3], dim=0), atol=1e-5)
 
 
-class _PoolModel:
-    """A fake dense model: coarse/fine maps are average-pooled [image, 1] (strides 8 and 2)."""
-
-    strides = (8, 2)
-    max_stride = 8
-
-    source = "fake"
-    meta: ClassVar[dict] = {}
-    encoder = torch.nn.Identity()
-    objective = torch.nn.Identity()
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = torch.cat([x, torch.ones_like(x)], 1)
-        return (
-            F.normalize(F.avg_pool3d(feats, 8), dim=1),
-            F.normalize(F.avg_pool3d(feats, 2), dim=1),
-        )
-
-
 def test_sliding_window_tiles_like_one_pass() -> None:
     rng = np.random.default_rng(0)
     image = rng.uniform(0.1, 1.0, size=(1, 40, 48, 35)).astype(np.float32)
@@ -89,34 +71,6 @@ def test_sliding_window_tiles_like_one_pass() -> None:
     # the last place, 2^-11 below 1
     assert torch.allclose(tiled.fine[inner].float(), whole.fine[inner].float(), atol=2**-11)
     assert np.allclose(tiled.fine_affine, geometry.feature_affine(affine, 2))
-
-
-def _position_embedding(
-    affine: np.ndarray, shape: tuple[int, ...], stride: int, freqs: list[float]
-) -> torch.Tensor:
-    """A map whose vectors encode world position (Fourier features, unit length)."""
-    w = torch.as_tensor(geometry.world_grid(geometry.feature_affine(affine, stride), shape))
-    freqs = torch.tensor(freqs, dtype=torch.float64)
-    feats = [
-        f(w[..., a] * fr * 2 * math.pi)
-        for a in range(3)
-        for fr in freqs
-        for f in (torch.sin, torch.cos)
-    ]
-    return F.normalize(torch.stack(feats).float(), dim=0)
-
-
-def _embedding(affine: np.ndarray, shape: tuple[int, ...]) -> DenseEmbedding:
-    cs = tuple(math.ceil(n / 8) for n in shape)
-    fs = tuple(math.ceil(n / 2) for n in shape)
-    return DenseEmbedding(
-        _position_embedding(affine, cs, 8, [1 / 300.0, 1 / 150.0]),  # smooth: coarse
-        _position_embedding(affine, fs, 2, [1 / 60.0, 1 / 25.0, 1 / 12.0]),  # sharp: fine
-        geometry.feature_affine(affine, 8),
-        geometry.feature_affine(affine, 2),
-        image_shape=shape,
-        image_affine=affine,
-    )
 
 
 def test_matching_finds_the_same_world_point_across_differently_placed_scans() -> None:

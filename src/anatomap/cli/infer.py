@@ -8,6 +8,7 @@ from pathlib import Path
 
 from anatomap.cli.options import (
     add_embedding_options,
+    add_point_options,
     add_quiet,
     check_device,
     embedding_options,
@@ -152,24 +153,7 @@ def _add_match(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("match", help="find template points in target scans")
     p.add_argument("checkpoint", type=Path, help=_CHECKPOINT_HELP)
     p.add_argument("targets", type=Path, nargs="+", help="scans or saved .emb.safetensors")
-    p.add_argument(
-        "--template", type=Path, required=True, metavar="SCAN", help="scan or saved embedding"
-    )
-    p.add_argument(
-        "--points",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="CSV (name,x,y,z or i,j,k) or 3D Slicer markups (.mrk.json, .fcsv)",
-    )
-    p.add_argument("--voxel", action="store_true", help="points are template voxel indices")
-    p.add_argument(
-        "--coords",
-        type=str.upper,
-        choices=("RAS", "LPS"),
-        default="RAS",
-        help="world frame of a points CSV's x,y,z (Slicer files state their own)",
-    )
+    add_point_options(p)
     p.add_argument(
         "--out",
         type=Path,
@@ -188,13 +172,6 @@ def _add_match(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--sphere-radius", type=float, default=2.0, metavar="MM", help="sphere radius in mm"
-    )
-    p.add_argument(
-        "--low-score",
-        type=float,
-        default=0.5,
-        metavar="S",
-        help="flag matches scoring below this (calibrated models flag P(within 5 mm) < 0.5)",
     )
     add_embedding_options(p)
     add_quiet(p)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 DEVICE_HELP = "auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps"
@@ -39,6 +40,35 @@ def add_quiet(p: argparse.ArgumentParser, what: str = "no progress bars") -> Non
 def add_device(p: argparse.ArgumentParser) -> None:
     """``--device`` (checked before any work: an unavailable device is one error line)."""
     p.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
+
+
+def add_point_options(p: argparse.ArgumentParser) -> None:
+    """The template and its points, as ``match`` and ``view`` read them."""
+    p.add_argument(
+        "--template", type=Path, required=True, metavar="SCAN", help="scan or saved embedding"
+    )
+    p.add_argument(
+        "--points",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="CSV (name,x,y,z or i,j,k) or 3D Slicer markups (.mrk.json, .fcsv)",
+    )
+    p.add_argument("--voxel", action="store_true", help="points are template voxel indices")
+    p.add_argument(
+        "--coords",
+        type=str.upper,
+        choices=("RAS", "LPS"),
+        default="RAS",
+        help="world frame of a points CSV's x,y,z (Slicer files state their own)",
+    )
+    p.add_argument(
+        "--low-score",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="flag matches scoring below this (calibrated models flag P(within 5 mm) < 0.5)",
+    )
 
 
 def add_embedding_options(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anatomap.cli.options import add_embedding_options, add_quiet, check_device, embedding_options
+from anatomap.cli.options import (
+    add_embedding_options,
+    add_point_options,
+    add_quiet,
+    check_device,
+    embedding_options,
+)
 from anatomap.cli.report import OK
 
 
@@ -75,28 +81,7 @@ def _add_view(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="dense checkpoint: run folder, checkpoint folder, meta.json or shipped name",
     )
     p.add_argument("targets", type=Path, nargs="+", help="scans or saved .emb.safetensors")
-    p.add_argument("--template", type=Path, required=True, help="scan or saved embedding")
-    p.add_argument(
-        "--points",
-        type=Path,
-        required=True,
-        help="CSV (name,x,y,z or i,j,k) or 3D Slicer markups (.mrk.json, .fcsv)",
-    )
     p.add_argument("--out", type=Path, default=Path("view.html"), help="the page (.html)")
-    p.add_argument("--voxel", action="store_true", help="points are template voxel indices")
-    p.add_argument(
-        "--coords",
-        type=str.upper,
-        choices=("RAS", "LPS"),
-        default="RAS",
-        help="world frame of a points CSV's x,y,z (Slicer files state their own)",
-    )
-    p.add_argument(
-        "--low-score",
-        type=float,
-        default=0.5,
-        help="flag matches scoring below this (calibrated models flag P(within 5 mm) < 0.5)",
-    )
     p.add_argument(
         "--components",
         type=int,
@@ -105,6 +90,7 @@ def _add_view(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="principal components of the embeddings the page keeps for click-to-match "
         "(more: a bigger page, closer to the full-precision matches)",
     )
+    add_point_options(p)
     add_embedding_options(p)
     add_quiet(p)
     p.set_defaults(func=cmd_view)
