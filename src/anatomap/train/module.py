@@ -141,7 +141,7 @@ class PretrainModule(L.LightningModule):
         if cfg.trainer.channels_last and cfg.model.spatial_dims == 3:
             self.to(memory_format=torch.channels_last_3d)  # weights (the EMA copies too)
             self.encoder.fusion.register_forward_pre_hook(_channels_last_input)
-        if "bf16" in cfg.trainer.precision or cfg.trainer.precision == "auto":
+        if "bf16" in cfg.trainer.precision:  # "auto" is fp32 on a CPU, where the bug is
             guard_small_bf16_convs(self)
         if cfg.trainer.compile:
             # forward and pyramid() both run the backbone's pyramid: compile that; the module

@@ -12,7 +12,6 @@ import csv
 import ctypes
 import json
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -158,8 +157,8 @@ class _AppendingWriter(ExperimentWriter):
     resumed run appends its rows, so the log of the steps before the kill is not lost."""
 
     def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="", encoding="utf-8") as f:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = list(next(csv.reader(f), []))
 
 
